@@ -1,0 +1,8 @@
+"""erasekit: remove concepts from text-to-image diffusion models, red-team the result, measure both."""
+
+from .delta import Delta
+from .errors import UserError
+from .model import Encoded, Model, Prediction, load
+
+__version__ = "0.1.0"
+__all__ = ["Delta", "Encoded", "Model", "Prediction", "UserError", "load", "__version__"]

@@ -1,0 +1,27 @@
+"""Export a model, with deltas merged, as a complete diffusers pipeline folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .delta import Delta
+from .model import Model
+from .outputs import atomic_dir
+
+
+def export(model: Model, out: str | Path, deltas: list[Delta] = (), overwrite: bool = False) -> Path:
+    """Write model (with deltas applied in order) to out; model is left as it was."""
+    protected = [Path(model.source)] if Path(model.source).is_dir() else []
+    applied = []
+    try:
+        for delta in deltas:
+            applied.append(delta.apply(model))
+        with atomic_dir(Path(out), overwrite=overwrite, protected=protected) as tmp:
+            model.pipe.save_pretrained(tmp, safe_serialization=True)
+            record = {"base": model.identity(), "deltas": [d.metadata() for d in deltas]}
+            (tmp / "erasekit_export.json").write_text(json.dumps(record, indent=2) + "\n")
+    finally:
+        for old in reversed(applied):
+            Delta.revert(model, old)
+    return Path(out)

@@ -1,0 +1,36 @@
+"""Generate images for prompts x seeds into a folder: per-image PNGs, a labelled grid, a record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .grid import make_grid, to_pil
+from .model import Model
+from .outputs import atomic_dir
+
+
+def generate_to_folder(model: Model, prompts: list[str], seeds: list[int], out: Path, steps: int | None = None,
+                       guidance: float | None = None, batch_size: int = 16, overwrite: bool = False,
+                       deltas: list[str] = ()) -> Path:
+    pairs = [(p, s) for p in prompts for s in seeds]
+    steps = steps or model.sampler_defaults["steps"]
+    guidance = model.sampler_defaults["guidance"] if guidance is None else guidance
+    protected = [Path(model.source)] if Path(model.source).is_dir() else []
+    with atomic_dir(out, overwrite=overwrite, protected=protected) as tmp:
+        images = model.sample([p for p, _ in pairs], [s for _, s in pairs], steps=steps, guidance=guidance,
+                              batch_size=batch_size)
+        pils = to_pil(images)
+        (tmp / "images").mkdir()
+        records = []
+        for i, ((prompt, seed), img) in enumerate(zip(pairs, pils)):
+            name = f"{i:04d}_seed{seed}.png"
+            img.save(tmp / "images" / name)
+            records.append({"file": f"images/{name}", "prompt": prompt, "seed": seed})
+        labels = [f"{p} (seed {s})" for p, s in pairs]
+        make_grid(pils, columns=len(seeds) if len(seeds) > 1 else min(8, len(pils)), labels=labels).save(
+            tmp / "grid.png")
+        record = {"model": model.identity(), "deltas": [str(d) for d in deltas], "steps": steps,
+                  "guidance": guidance, "scheduler": "DDIM (eta 0)", "dtype": str(model.dtype), "images": records}
+        (tmp / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
+    return Path(out)

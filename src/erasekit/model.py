@@ -1,0 +1,355 @@
+"""One adapter over a Stable-Diffusion-shaped diffusers pipeline (SD1.x, SD2.x, the testbed).
+
+Methods, attacks and evaluation talk to a Model, never to a specific architecture: it encodes
+prompts (with token positions taken from token ids), lists the cross-attention K/V projections,
+predicts epsilon, x0 and v in one convention whatever the model was trained to predict, and
+samples or rolls out with batched DDIM and classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+
+@dataclass
+class Encoded:
+    """Text-encoder output for a batch of prompts, with the token positions that matter."""
+
+    prompts: list[str]
+    embeddings: torch.Tensor  # (N, L, d)
+    input_ids: torch.Tensor  # (N, L)
+    attention_mask: torch.Tensor  # (N, L)
+    eot: torch.Tensor  # (N,) first end-of-text ([SEP] for BERT-style encoders) position, from the ids
+    truncated: list[bool]
+
+    @property
+    def key(self) -> torch.Tensor:
+        """(N,) the last content token: the one just before [EoT] (the start token for an empty prompt)."""
+        return (self.eot - 1).clamp(min=0)
+
+    @property
+    def padding(self) -> torch.Tensor:
+        """(N, L) bool: positions after [EoT]."""
+        positions = torch.arange(self.input_ids.shape[1], device=self.eot.device)
+        return positions[None, :] > self.eot[:, None]
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """(N, d) embedding rows at one position per prompt (e.g. enc.rows(enc.eot))."""
+        return self.embeddings[torch.arange(len(self.prompts)), positions.to(self.embeddings.device)]
+
+
+@dataclass
+class Prediction:
+    """A denoiser prediction in all three conventions."""
+
+    eps: torch.Tensor
+    x0: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass
+class CrossAttentionLayer:
+    name: str  # diffusers parameter name, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    kind: str  # "k" or "v"
+    module: torch.nn.Linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+
+class Model:
+    """A loaded text-to-image model. Build one with erasekit.load()."""
+
+    def __init__(self, pipe, source: str, name: str, sampler_defaults: dict | None = None):
+        from diffusers import DDIMScheduler
+
+        self.pipe = pipe
+        self.source = source
+        self.name = name
+        self.sampler_defaults = dict(sampler_defaults or {"steps": 50, "guidance": 7.5})
+        # DDIM from the folder's scheduler config. Latents are never clipped unless the config asks:
+        # DDIM's own default (clip_sample=True) would clip SD latents and x0 predictions to [-1, 1].
+        config = dict(pipe.scheduler.config)
+        self.scheduler = DDIMScheduler.from_config(config, clip_sample=bool(config.get("clip_sample", False)))
+        if not self.cross_attention_layers():
+            raise UserError(f"the denoiser of {source} has no cross-attention (attn2.to_k/to_v) layers: "
+                            "erasekit needs a text-conditioned UNet with cross-attention")
+
+    # -- components -------------------------------------------------------------------------
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = int(self.unet.config.sample_size)
+        return (int(self.unet.config.in_channels), size, size)
+
+    @property
+    def end_token_id(self) -> int:
+        tok = self.tokenizer
+        return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+
+    def identity(self) -> dict:
+        """What a delta records about its base model (the tensor hash is the decisive check)."""
+        cfg = self.unet.config
+        return {
+            "name": self.name,
+            "source": self.source,
+            "unet": type(self.unet).__name__,
+            "cross_attention_dim": cfg.cross_attention_dim,
+            "block_out_channels": list(cfg.block_out_channels),
+            "sample_size": cfg.sample_size,
+            "prediction_type": self.prediction_type,
+            "text_encoder": type(self.text_encoder).__name__,
+        }
+
+    def to(self, device=None, dtype=None) -> Model:
+        self.pipe.to(device=device, dtype=dtype)
+        return self
+
+    # -- text ---------------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]):
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt")
+        full = self.tokenizer(list(prompts), padding=False, truncation=False)["input_ids"]
+        truncated = [len(ids) > self.max_length for ids in full]
+        return tok.input_ids, tok.attention_mask, truncated
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str, batch_size: int = 64) -> Encoded:
+        """Encode prompts exactly as StableDiffusionPipeline.encode_prompt does, in batches."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise UserError("the prompt list is empty: give at least one prompt")
+        ids, mask, truncated = self.tokenize(prompts)
+        for prompt, cut in zip(prompts, truncated):
+            if cut:
+                warnings.warn(f"prompt truncated to the tokenizer's {self.max_length} tokens: {prompt[:60]!r}",
+                              stacklevel=2)
+        use_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
+        outs = []
+        for i in range(0, len(prompts), batch_size):
+            chunk_ids = ids[i:i + batch_size].to(self.text_encoder.device)
+            chunk_mask = mask[i:i + batch_size].to(self.text_encoder.device) if use_mask else None
+            outs.append(self.text_encoder(chunk_ids, attention_mask=chunk_mask)[0])
+        emb = torch.cat(outs).to(self.dtype)
+        is_end = ids == self.end_token_id
+        eot = torch.where(is_end.any(1), is_end.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
+        return Encoded(prompts, emb, ids, mask, eot, truncated)
+
+    # -- denoiser -----------------------------------------------------------------------------
+    def cross_attention_layers(self) -> list[CrossAttentionLayer]:
+        layers = []
+        for name, module in self.unet.named_modules():
+            for kind in ("k", "v"):
+                if name.endswith(f"attn2.to_{kind}") and isinstance(module, torch.nn.Linear):
+                    layers.append(CrossAttentionLayer(f"{name}.weight", kind, module))
+        return layers
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """A parameter by delta key: bare names are the UNet's, 'text_encoder.*' the text encoder's."""
+        component, key = split_key(name)
+        params = dict(getattr(self.pipe, component).named_parameters())
+        if key not in params:
+            raise KeyError(name)
+        return params[key]
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        a = self.scheduler.alphas_cumprod.to(like.device)[t.to(like.device).long()]
+        return a.to(torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor | int, emb: torch.Tensor) -> torch.Tensor:
+        """The UNet's own output, in its own prediction type."""
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        return self.unet(x_t.to(self.dtype), t, emb.to(self.dtype)).sample
+
+    def guided(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None):
+        """Raw output with classifier-free guidance: u + g (c - u); no guidance when g is None or <= 1."""
+        if guidance is None or guidance <= 1.0 or uncond is None:
+            return self.raw(x_t, t, emb)
+        t = torch.as_tensor(t, device=x_t.device)
+        t2 = t.expand(x_t.shape[0]).repeat(2) if t.ndim == 0 else t.repeat(2)
+        uncond = uncond.expand(emb.shape[0], -1, -1) if uncond.shape[0] == 1 else uncond
+        out_u, out_c = self.raw(torch.cat([x_t, x_t]), t2, torch.cat([uncond, emb])).chunk(2)
+        return out_u + guidance * (out_c - out_u)
+
+    def convert(self, x_t: torch.Tensor, t, out: torch.Tensor) -> Prediction:
+        """Turn a raw output into epsilon, x0 and v, whatever the model predicts."""
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        a = self._alpha_bar(t, x_t)
+        sa, sb = a.sqrt(), (1 - a).clamp(min=1e-12).sqrt()
+        x, out = x_t.float(), out.float()
+        if self.prediction_type == "epsilon":
+            eps = out
+            x0 = (x - sb * eps) / sa
+        elif self.prediction_type == "sample":
+            x0 = out
+            eps = (x - sa * x0) / sb
+        elif self.prediction_type == "v_prediction":
+            x0 = sa * x - sb * out
+            eps = sb * x + sa * out
+        else:
+            raise UserError(f"unsupported prediction type {self.prediction_type!r}")
+        v = sa * eps - sb * x0
+        return Prediction(eps=eps, x0=x0, v=v)
+
+    def predict(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None) -> Prediction:
+        """epsilon, x0 and v for latents x_t at timesteps t under text embeddings emb (optionally guided)."""
+        return self.convert(x_t, t, self.guided(x_t, t, emb, guidance, uncond))
+
+    # -- sampling -----------------------------------------------------------------------------
+    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
+        """One latent per seed, independent of batch composition: the same seed, the same image."""
+        shape = self.latent_shape
+        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps, device=self.device)
+        return self.scheduler.timesteps
+
+    @torch.no_grad()
+    def denoise(self, latents, emb, uncond, steps: int, guidance: float, start: int = 0, stop: int | None = None,
+                progress: bool = False) -> torch.Tensor:
+        """Run DDIM (eta 0) steps [start, stop) of a steps-long schedule from latents."""
+        timesteps = self.timesteps(steps)
+        stop = len(timesteps) if stop is None else stop
+        for t in tqdm(timesteps[start:stop], desc="denoising", disable=not progress, leave=False):
+            out = self.guided(latents, t, emb, guidance, uncond)
+            latents = self.scheduler.step(out, t, latents).prev_sample
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (N, 3, H, W) in [0, 1]."""
+        with torch.no_grad():
+            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _batches(self, prompts, seeds, batch_size):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = list(seeds)
+        if not prompts:
+            raise UserError("the prompt list is empty: give at least one prompt")
+        if len(seeds) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+        return [(prompts[i:i + batch_size], seeds[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+
+    @torch.no_grad()
+    def sample(self, prompts, seeds, steps: int | None = None, guidance: float | None = None,
+               negative_prompt: str = "", batch_size: int = 32, progress: bool = True,
+               output: str = "images") -> torch.Tensor:
+        """Generate one image per (prompt, seed): (N, 3, H, W) in [0, 1], or latents with output='latents'."""
+        steps = steps or self.sampler_defaults["steps"]
+        guidance = self.sampler_defaults["guidance"] if guidance is None else guidance
+        batches = self._batches(prompts, seeds, batch_size)
+        uncond = self.encode([negative_prompt]).embeddings
+        results = []
+        for chunk, chunk_seeds in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2):
+            latents = self.denoise(self.initial_noise(chunk_seeds), self.encode(chunk).embeddings, uncond,
+                                   steps, guidance, progress=progress and len(batches) == 1)
+            results.append(latents if output == "latents" else self.decode(latents))
+        return torch.cat(results)
+
+    @torch.no_grad()
+    def rollout(self, prompts, seeds, to_step: int, steps: int | None = None, guidance: float | None = None,
+                batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents on the model's own trajectory after to_step of steps sampler steps, and the timestep
+        they sit at (the one the next sampler step would denoise)."""
+        steps = steps or self.sampler_defaults["steps"]
+        guidance = self.sampler_defaults["guidance"] if guidance is None else guidance
+        if not 0 <= to_step < steps:
+            raise UserError(f"to_step {to_step} is outside the {steps}-step schedule: use 0..{steps - 1}")
+        uncond = self.encode([""]).embeddings
+        latents = [self.denoise(self.initial_noise(s), self.encode(p).embeddings, uncond, steps, guidance, stop=to_step)
+                   for p, s in self._batches(prompts, seeds, batch_size)]
+        return torch.cat(latents), self.timesteps(steps)[to_step]
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """Delta key -> (pipeline component, parameter name inside it)."""
+    if name.startswith("text_encoder."):
+        return "text_encoder", name[len("text_encoder."):]
+    return "unet", name
+
+
+def load(source: str | Path = "testbed", device: str | torch.device | None = None,
+         dtype: torch.dtype = torch.float32) -> Model:
+    """Load a model: "testbed" (the built-in miniature model) or a local diffusers pipeline folder."""
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quiet_libraries()
+    if str(source) == "testbed":
+        from .testbed import SAMPLER_DEFAULTS, load_pipeline
+
+        pipe = load_pipeline()
+        return Model(pipe.to(device, dtype), "testbed", "testbed", SAMPLER_DEFAULTS)
+    pipe = _load_folder(Path(source))
+    return Model(pipe.to(device, dtype), str(source), Path(source).name)
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers' and transformers' loading bars and notices out of erasekit's output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_folder(path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    if not path.exists():
+        raise UserError(f"model folder {path} does not exist: give a local diffusers pipeline folder or 'testbed'")
+    if not path.is_dir() or not (path / "model_index.json").is_file():
+        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json): give the folder that "
+                        "holds model_index.json, unet/, text_encoder/, tokenizer/, vae/ and scheduler/")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                           local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load {path} as a Stable Diffusion pipeline: {first[:300]}") from exc

@@ -1,0 +1,158 @@
+"""`erasekit testbed train`: train the testbed's denoiser; seeded, resumable, background-friendly.
+
+Every step draws its batch from a generator seeded by (seed, step), so a run resumed from a
+checkpoint takes exactly the batches an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .architecture import RESOLUTION, SCHEDULER_CONFIG, build_unet
+from .text import MAX_LENGTH, load_text_encoder
+from .world import caption, random_scene, render
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/testbed"
+    seed: int = 0
+    steps: int = 6000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    dataset_size: int = 40000
+    empty_caption_prob: float = 0.1
+    drop_attribute_prob: float = 0.15
+    checkpoint_every: int = 250
+    log_every: int = 25
+    resolution: int = RESOLUTION
+
+
+def render_dataset(seed: int, n: int, resolution: int = RESOLUTION):
+    """n scenes drawn from seed, rendered: (uint8 array (n, H, W, 3), list of scenes)."""
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng) for _ in range(n)]
+    images = np.stack([render(s, resolution) for s in scenes])
+    return images, scenes
+
+
+def to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def encode_captions(tokenizer, encoder, captions: list[str]) -> torch.Tensor:
+    """Exactly what StableDiffusionPipeline.encode_prompt does with the testbed's components."""
+    tok = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return encoder(tok.input_ids, attention_mask=tok.attention_mask)[0]
+
+
+def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) -> Path:
+    from diffusers import DDPMScheduler
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "checkpoint.safetensors", out / "train.log.jsonl"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+
+    images, scenes = render_dataset(cfg.seed, cfg.dataset_size, cfg.resolution)
+    data = to_model_space(images)
+    tokenizer, encoder = load_text_encoder()
+    encoder.to(device)
+    unet = build_unet().to(device).train()
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
+                                   if k not in ("set_alpha_to_one", "timestep_spacing")})
+    alphas = noise_sched.alphas_cumprod.to(device)
+
+    start, elapsed = 0, 0.0
+    if resume and ckpt_path.exists():
+        groups, meta = load_checkpoint(ckpt_path, optimizer=opt)
+        unet.load_state_dict(groups["unet"])
+        ema = {k: v.to(device) for k, v in groups["ema"].items()}
+        start, elapsed = meta["step"], meta["elapsed"]
+        print(f"resuming from step {start} ({ckpt_path})", flush=True)
+
+    t0 = time.time() - elapsed
+    for step in range(start, cfg.steps):
+        rng = np.random.default_rng([cfg.seed, step])
+        idx = rng.integers(len(scenes), size=cfg.batch_size)
+        caps = ["" if rng.random() < cfg.empty_caption_prob
+                else caption(scenes[i], rng, "train", cfg.drop_attribute_prob) for i in idx]
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        x0 = data[torch.from_numpy(idx)].to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, 1000, (cfg.batch_size,), generator=gen).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        emb = encode_captions(tokenizer, encoder, caps).to(device)
+
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        pred = unet(x_t, t, emb).sample
+        loss = torch.nn.functional.mse_loss(pred, x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(cfg.ema_decay).add_(v, alpha=1 - cfg.ema_decay)
+                else:
+                    ema[k].copy_(v)
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rec = {"step": done, "loss": round(loss.item(), 5), "lr": lr_at(step, cfg),
+                   "elapsed_s": round(time.time() - t0, 1)}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(json.dumps(rec), flush=True)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(ckpt_path, {"unet": unet.state_dict(), "ema": ema},
+                            {"step": done, "elapsed": time.time() - t0, "config": asdict(cfg)}, optimizer=opt)
+
+    return export_weights(cfg, ema, time.time() - t0, argv)
+
+
+def export_weights(cfg: TrainConfig, ema: dict[str, torch.Tensor], wall_s: float, argv: list[str] | None) -> Path:
+    """Write the EMA denoiser in fp16 as a diffusers folder with the training record beside it."""
+    unet = build_unet()
+    unet.load_state_dict({k: v.cpu() for k, v in ema.items()})
+    target = Path(cfg.out) / "weights"
+    unet.to(torch.float16).save_pretrained(target / "unet")
+    record = {
+        "command": shlex.join(argv if argv is not None else sys.argv),
+        "config": asdict(cfg),
+        "wall_time_s": round(wall_s, 1),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "parameters": sum(p.numel() for p in unet.parameters()),
+    }
+    atomic_write_text(target / "unet_training.json", json.dumps(record, indent=2) + "\n")
+    print(f"wrote {target}", flush=True)
+    return target
