@@ -90,3 +90,46 @@ def test_apply_and_export_commands(capsys, tiny_sd, tiny_sd_other, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
     code, _, err = run(capsys, "export", tiny_sd, "--delta", tmp_path / "bad.safetensors", "--out", tmp_path / "x")
     assert code == 2 and "corrupt" in one_line_error(err)
+
+
+def test_erase_command_writes_a_delta_and_reports(capsys, tiny_sd, tmp_path):
+    out = tmp_path / "cat.safetensors"
+    code, stdout, _ = run(capsys, "erase", tiny_sd, "--method", "uce", "--concept", "cat:kitten", "--anchor", "dog",
+                          "--preserve", "star", "--expand", "--set", "lam=0.2", "--out", out)
+    assert code == 0 and "edited 8 tensors" in stdout and out.is_file()
+    delta = Delta.load(out)
+    assert delta.method == "uce" and delta.config["lam"] == 0.2
+    assert delta.config["spec"]["targets"] == [{"name": "cat", "synonyms": ["kitten"]}]
+    code, _, err = run(capsys, "erase", tiny_sd, "--method", "uce", "--concept", "cat", "--out", out)
+    assert code == 2 and "already exists" in one_line_error(err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "magic", "--concept", "cat"], "unknown method 'magic'"),
+    (["--method", "uce", "--concept", ""], "no target concept"),
+    (["--method", "uce"], "no target concept"),
+    (["--method", "uce", "--concept", "cat", "--concept", "cat"], "duplicate target"),
+    (["--method", "uce", "--concept", "cat", "--anchor", "cat"], "is the target concept"),
+    (["--method", "uce", "--concept", "cat", "--set", "lambda=1"], "unknown keys"),
+    (["--method", "uce", "--concept", "cat", "--set", "lam"], "not KEY=VALUE"),
+])
+def test_erase_bad_input(capsys, tiny_sd, tmp_path, argv, message):
+    code, _, err = run(capsys, "erase", tiny_sd, *argv, "--out", tmp_path / "d.safetensors")
+    assert code == 2 and message in one_line_error(err)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_erase_with_a_spec_file_and_warnings(capsys, tiny_sd, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("targets: [{name: cat, synonyms: [kitten, kitty, tomcat]}]\nanchors: [dog]\nexpand: true\n")
+    code, stdout, err = run(capsys, "erase", tiny_sd, "--method", "erasepro", "--spec", spec, "--set", "layers=kv",
+                            "--out", tmp_path / "d.safetensors")
+    assert code == 0 and "residual cannot be zero" in err and "residual" in stdout
+    spec.write_text("targets: [cat]\ncolour: red\n")
+    code, _, err = run(capsys, "erase", tiny_sd, "--method", "uce", "--spec", spec, "--out", tmp_path / "e.st")
+    assert code == 2 and "unknown keys ['colour']" in one_line_error(err)
+
+
+def test_erase_warns_about_a_concept_the_tokenizer_does_not_know(capsys, tmp_path):
+    code, _, err = run(capsys, "erase", "--method", "uce", "--concept", "\U00013000", "--out", tmp_path / "u.st")
+    assert code == 0 and "unknown to the tokenizer" in err

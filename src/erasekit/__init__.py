@@ -3,6 +3,7 @@
 from .delta import Delta
 from .errors import UserError
 from .model import Encoded, Model, Prediction, load
+from .testbed import vae as _pixel_vae  # noqa: F401  (lets diffusers load exported testbed folders)
 
 __version__ = "0.1.0"
 __all__ = ["Delta", "Encoded", "Model", "Prediction", "UserError", "load", "__version__"]

@@ -37,10 +37,9 @@ def parse_seeds(text: str) -> list[int]:
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if getattr(args, "prompts_file", None):
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise UserError(f"prompts file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        from .files import read_prompt_list
+
+        prompts += read_prompt_list(args.prompts_file)
     if not prompts:
         raise UserError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
@@ -118,6 +117,117 @@ def cmd_testbed_train(args) -> None:
     train(cfg, resume=not args.restart, argv=["erasekit", *sys.argv[1:]])
 
 
+def parse_concept(text: str):
+    """'star' or 'star:five-pointed star,starburst' -> Concept."""
+    from .concepts import Concept
+
+    name, _, synonyms = text.partition(":")
+    return Concept(name.strip(), [s.strip() for s in synonyms.split(",") if s.strip()])
+
+
+def build_spec(args):
+    from .concepts import ConceptSpec
+
+    if args.spec:
+        spec = ConceptSpec.from_file(args.spec)
+        if args.concept:
+            raise UserError("give concepts either with --spec or with --concept, not both")
+        return spec
+    targets = [parse_concept(c) for c in args.concept or []]
+    if args.testbed_synonyms:
+        from .testbed.prompts import attribute_of
+        from .testbed.world import wordings
+
+        for t in targets:
+            t.synonyms += [w for w in wordings(attribute_of(t.name), t.name, "synonym") if w not in t.synonyms]
+    data = {"targets": targets, "anchors": args.anchor if args.anchor is not None else [""],
+            "preserve": args.preserve or [], "expand": args.expand}
+    if args.templates:
+        data["templates"] = args.templates
+    return ConceptSpec(**data)
+
+
+def cmd_erase(args) -> None:
+    import time
+
+    from . import methods
+    from .files import read_mapping
+    from .methods.common import warn_unknown_tokens
+    from .model import load
+
+    method = methods.get(args.method)
+    values = read_mapping(args.config, "config file") if args.config else {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r} is not KEY=VALUE")
+        values[key.strip()] = value.strip()
+    cfg = methods.build_config(method, values, source=args.config or "--set")
+    spec = build_spec(args)
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"{args.out} already exists: choose another path or pass --overwrite")
+    model = load(args.model)
+    for phrase in warn_unknown_tokens(model, [p for t in spec.targets for p in t.phrases]):
+        warnings.warn(f"every token of {phrase!r} is unknown to the tokenizer: it carries no meaning to erase",
+                      stacklevel=2)
+    start = time.time()
+    delta = method.erase(model, spec, cfg)
+    delta.save(args.out, overwrite=args.overwrite)
+    change = delta.relative_change(model)
+    print(f"{method.name}: erased {', '.join(t.name for t in spec.targets)} from {model.name}: edited "
+          f"{len(delta.tensors)} tensors (relative change mean {sum(change.values()) / len(change):.3g}, "
+          f"max {max(change.values()):.3g}) in {time.time() - start:.2f} s; wrote {args.out}")
+    for row in delta.stats.get("per_layer", []):
+        print(f"  {row['layer']}: residual {row['residual']:.2e}, update norm {row['update_norm']:.3g}")
+
+
+def cmd_testbed_evaluate(args) -> None:
+    from .checkpoint import atomic_write_text
+    from .delta import Delta
+    from .model import load
+    from .testbed.evaluate import attribute_accuracy, concept_report
+    from .testbed.judge import load_judge
+
+    model, judge = load("testbed"), load_judge()
+    deltas = [Delta.load(p) for p in args.delta or []]
+    for delta in deltas:
+        delta.check(model)
+    if args.concept:
+        result = concept_report(model, judge, args.concept, deltas, samples=args.samples, steps=args.steps,
+                                guidance=args.guidance)
+    else:
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            for delta in deltas:
+                stack.enter_context(delta.applied(model))
+            result = attribute_accuracy(model, judge, samples=args.samples, seed=args.seed, steps=args.steps,
+                                        guidance=args.guidance)
+        result["deltas"] = args.delta or []
+    text = json.dumps(result, indent=2)
+    if args.json:
+        atomic_write_text(Path(args.json), text + "\n")
+    print(text)
+
+
+def cmd_testbed_train_judge(args) -> None:
+    from .testbed.judge import train_judge
+
+    print(json.dumps(train_judge(out_path=args.out, seed=args.seed, steps=args.steps), indent=2))
+
+
+def cmd_testbed_train_clip(args) -> None:
+    from .testbed.clip import train_clip
+
+    print(json.dumps(train_clip(out_path=args.out, seed=args.seed, steps=args.steps), indent=2))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, samples=args.samples, concept=args.concept, method=args.method)
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def _model_arg(p) -> None:
     p.add_argument("model", nargs="?", default="testbed",
@@ -160,6 +270,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("erase", help="erase concepts with a method; writes a delta")
+    _model_arg(p)
+    p.add_argument("--method", required=True, help="uce, rece, erasepro, trce-stage1")
+    p.add_argument("--concept", action="append",
+                   help="a target concept, optionally with synonyms: 'star' or 'star:five-pointed star,starburst' "
+                        "(repeatable)")
+    p.add_argument("--anchor", action="append", help="the anchor/guide concept (one, or one per target; default '')")
+    p.add_argument("--preserve", action="append", help="a concept to preserve (repeatable)")
+    p.add_argument("--expand", action="store_true", help="expand every phrase with the prompt templates")
+    p.add_argument("--templates", help="template set for --expand: object (default) or art")
+    p.add_argument("--testbed-synonyms", action="store_true",
+                   help="testbed only: add the concept's training synonyms (held-out wordings never)")
+    p.add_argument("--spec", help="a YAML/TOML/JSON concept spec instead of --concept/--anchor/--preserve")
+    p.add_argument("--config", help="a YAML/TOML/JSON file of method options")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--out", required=True, help="the delta file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing delta file")
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("demo", help="the whole story on the built-in testbed, in about a minute")
+    p.add_argument("--out", default="erasekit-demo", help="output folder (default erasekit-demo)")
+    p.add_argument("--samples", type=int, default=64, help="prompts per wording kind for the accuracy check")
+    p.add_argument("--concept", default="star", help="the testbed concept the demo erases (default star)")
+    p.add_argument("--method", default="uce", help="the closed-form method the demo erases with (default uce)")
+    p.set_defaults(func=cmd_demo)
+
     testbed = sub.add_parser("testbed", help="the built-in miniature text-to-image model")
     tsub = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")
     p = tsub.add_parser("train", help="train the testbed denoiser (seeded, resumable)")
@@ -170,6 +306,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     p.set_defaults(func=cmd_testbed_train)
+
+    p = tsub.add_parser("evaluate", help="judge accuracy against the prompt per attribute and wording kind")
+    p.add_argument("--samples", type=int, default=200, help="prompts per wording kind (default 200)")
+    p.add_argument("--seed", type=int, default=1000, help="first seed of the prompt sets")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the testbed's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the testbed's)")
+    p.add_argument("--delta", action="append", help="evaluate with this delta applied (repeatable)")
+    p.add_argument("--concept", action="append",
+                   help="report target rates for this concept (repeatable) next to the unedited model")
+    p.add_argument("--json", help="also write the result to this file")
+    p.set_defaults(func=cmd_testbed_evaluate)
+
+    p = tsub.add_parser("train-judge", help="train the testbed's attribute classifier (the judge)")
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1600)
+    p.set_defaults(func=cmd_testbed_train_judge)
+
+    p = tsub.add_parser("train-clip", help="train the testbed's image encoder aligned with its text encoder")
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1500)
+    p.set_defaults(func=cmd_testbed_train_clip)
     return parser
 
 

@@ -19,7 +19,9 @@ def export(model: Model, out: str | Path, deltas: list[Delta] = (), overwrite: b
             applied.append(delta.apply(model))
         with atomic_dir(Path(out), overwrite=overwrite, protected=protected) as tmp:
             model.pipe.save_pretrained(tmp, safe_serialization=True)
-            record = {"base": model.identity(), "deltas": [d.metadata() for d in deltas]}
+            record = {"base": model.identity(), "deltas": [d.metadata() for d in deltas],
+                      "loading": "StableDiffusionPipeline.from_pretrained(folder); for the testbed, "
+                                 "`import erasekit` first (it provides the PixelVAE class)"}
             (tmp / "erasekit_export.json").write_text(json.dumps(record, indent=2) + "\n")
     finally:
         for old in reversed(applied):

@@ -183,6 +183,16 @@ class Model:
                     layers.append(CrossAttentionLayer(f"{name}.weight", kind, module))
         return layers
 
+    def text_mlp_layers(self) -> list[tuple[str, torch.nn.Linear]]:
+        """The text encoder's MLP output projections, shallow to deep, as (delta key, module):
+        CLIP's mlp.fc2, BERT's output.dense (not the attention's)."""
+        layers = []
+        for name, module in self.text_encoder.named_modules():
+            if isinstance(module, torch.nn.Linear) and (
+                    name.endswith("mlp.fc2") or (name.endswith("output.dense") and "attention" not in name)):
+                layers.append((f"text_encoder.{name}.weight", module))
+        return layers
+
     def parameter(self, name: str) -> torch.Tensor:
         """A parameter by delta key: bare names are the UNet's, 'text_encoder.*' the text encoder's."""
         component, key = split_key(name)

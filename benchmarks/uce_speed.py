@@ -1,0 +1,109 @@
+"""UCE edit time: erasekit's batched solver against the public code's structure, 1/10/100 concepts.
+
+Usage: python benchmarks/uce_speed.py [--models testbed sd14] [--counts 1 10 100] [--out FILE]
+
+"sd14" is a denoiser with Stable Diffusion 1.4's exact architecture (32 K/V matrices, d = 768) and a
+CLIP text encoder of SD1.4's size, built from configs with random weights (nothing is downloaded). The
+ratio is naive time / erasekit time in the same run; weights are compared as max relative difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from naive_uce import naive_uce  # noqa: E402
+
+WORDS = ("apple ball cat dog egg fig goat hat ink jam kite lamp moon nest owl pig queen rose sun tree umbrella "
+         "vase whale box yak zebra").split()
+
+
+def sd14_folder(path: Path) -> Path:
+    """A pipeline folder with SD1.4's UNet and text-encoder shapes and random weights."""
+    import warnings
+
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erasekit.testing import make_tokenizer
+
+    if (path / "model_index.json").is_file():
+        return path
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
+                                block_out_channels=(320, 640, 1280, 1280))  # SD1.4's UNet config
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32)
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
+                                safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(path)
+    return path
+
+
+def concepts(n: int) -> list[str]:
+    return [f"{WORDS[i % len(WORDS)]} {WORDS[(i * 7 + 3) % len(WORDS)]}" for i in range(n)]
+
+
+def run(model, counts, preserve_n=10) -> list[dict]:
+    from erasekit.concepts import ConceptSpec
+    from erasekit.methods import uce
+
+    rows = []
+    preserve = [f"a photo of a {w}" for w in WORDS[-preserve_n:]]
+    for n in counts:
+        spec = ConceptSpec(concepts(n), preserve=preserve)
+        t0 = time.perf_counter()
+        delta = uce.erase(model, spec)
+        fast = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref = naive_uce(model, [(p.target, p.anchor) for p in spec.pairs()], spec.preserve_prompts())
+        naive = time.perf_counter() - t0
+        diff = max(float((delta.tensors[k] - v).norm() / v.norm()) for k, v in ref.items())
+        rows.append({"concepts": n, "erasekit_s": round(fast, 4), "naive_s": round(naive, 3),
+                     "ratio": round(naive / fast, 1), "max_relative_weight_difference": diff})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    import erasekit
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["testbed", "sd14"])
+    parser.add_argument("--counts", nargs="+", type=int, default=[1, 10, 100])
+    parser.add_argument("--workdir", default="/tmp/erasekit-bench")
+    parser.add_argument("--out", default=str(HERE / "results" / "uce_speed.json"))
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
+              "torch": torch.__version__, "models": {}}
+    for name in args.models:
+        source = "testbed" if name == "testbed" else sd14_folder(Path(args.workdir) / "sd14")
+        model = erasekit.load(source, device=device)
+        info = {"kv_matrices": len(model.cross_attention_layers()),
+                "d": model.unet.config.cross_attention_dim}
+        print(f"{name}: {info}", flush=True)
+        result["models"][name] = {**info, "rows": run(model, args.counts)}
+        del model
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""ConceptSpec: what to erase, what to map it to, and what to keep, with prompt expansion.
+
+A spec names target concepts (each with synonyms), anchors (the guide or safe concept each target is
+mapped to; one shared anchor or one per target), preserve concepts, and prompt templates. It reads
+from CLI flags or a YAML/TOML file:
+
+    targets:
+      - name: nudity
+        synonyms: [naked, nude, topless]
+    anchors: ["a person wearing clothes"]
+    preserve: [person, portrait]
+    templates: object        # "object", "art", or a list of strings containing {}
+    expand: true
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .files import read_mapping
+
+TEMPLATE_SETS = {
+    "object": ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
+    "art": ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
+}
+SPEC_KEYS = {"targets", "anchors", "preserve", "templates", "expand"}
+
+
+@dataclass
+class Concept:
+    name: str
+    synonyms: list[str] = field(default_factory=list)
+
+    @property
+    def phrases(self) -> list[str]:
+        return [self.name, *self.synonyms]
+
+
+@dataclass
+class PromptPair:
+    """A target prompt and the same prompt with the anchor phrase in the target's place."""
+
+    target: str
+    anchor: str
+    concept: str  # the target concept's name
+
+
+@dataclass
+class ConceptSpec:
+    targets: list[Concept]
+    anchors: list[str] = field(default_factory=lambda: [""])
+    preserve: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=lambda: list(TEMPLATE_SETS["object"]))
+    expand: bool = False
+
+    def __post_init__(self):
+        self.targets = [t if isinstance(t, Concept) else Concept(str(t)) for t in self.targets]
+        self.templates = _templates(self.templates)
+        self.validate()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "spec") -> ConceptSpec:
+        unknown = set(data) - SPEC_KEYS
+        if unknown:
+            raise UserError(f"{source} has unknown keys {sorted(unknown)}: allowed keys are {sorted(SPEC_KEYS)}")
+        targets = []
+        for entry in data.get("targets") or []:
+            if isinstance(entry, str):
+                targets.append(Concept(entry))
+            elif isinstance(entry, dict):
+                extra = set(entry) - {"name", "synonyms"}
+                if extra or "name" not in entry:
+                    raise UserError(f"{source}: each target needs 'name' and may have 'synonyms' (got {sorted(entry)})")
+                targets.append(Concept(str(entry["name"]), [str(s) for s in entry.get("synonyms") or []]))
+            else:
+                raise UserError(f"{source}: a target is a name or a mapping with name and synonyms")
+        anchors = data.get("anchors", [""])
+        anchors = [anchors] if isinstance(anchors, str) else list(anchors)
+        return cls(targets=targets, anchors=[str(a) for a in anchors],
+                   preserve=[str(p) for p in data.get("preserve") or []],
+                   templates=data.get("templates", "object"), expand=bool(data.get("expand", False)))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ConceptSpec:
+        return cls.from_dict(read_mapping(path, "spec file"), source=str(path))
+
+    # -- checks -----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        names = [t.name.strip() for t in self.targets]
+        if not names or any(not n for n in names):
+            raise UserError("no target concept (or an empty one): give at least one non-empty --concept")
+        if len(set(n.lower() for n in names)) != len(names):
+            dupes = sorted({n for n in names if [m.lower() for m in names].count(n.lower()) > 1})
+            raise UserError(f"duplicate target concepts {dupes}: name each concept once")
+        if len(self.anchors) not in (1, len(self.targets)):
+            raise UserError(f"{len(self.anchors)} anchors for {len(self.targets)} targets: give one anchor, "
+                            "or one per target")
+        for target, anchor in zip(self.targets, self.anchor_per_target()):
+            if anchor.strip().lower() in (p.strip().lower() for p in target.phrases):
+                raise UserError(f"the anchor {anchor!r} is the target concept {target.name!r} itself: choose "
+                                "a different anchor (e.g. '' or a related safe concept)")
+        overlap = {p.lower() for p in self.preserve} & {n.lower() for n in names}
+        if overlap:
+            raise UserError(f"{sorted(overlap)} are both targets and preserved: a concept cannot be both")
+
+    def anchor_per_target(self) -> list[str]:
+        return self.anchors * len(self.targets) if len(self.anchors) == 1 else list(self.anchors)
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def _fill(self, phrase: str) -> list[str]:
+        if not self.expand:
+            return [phrase]
+        return [" ".join(t.format(phrase).split()) for t in self.templates]
+
+    def pairs(self, synonyms: bool = True) -> list[PromptPair]:
+        """Target prompts paired with the anchor in the same template (for every phrase if synonyms)."""
+        out = []
+        for target, anchor in zip(self.targets, self.anchor_per_target()):
+            for phrase in target.phrases if synonyms else [target.name]:
+                for t_prompt, a_prompt in zip(self._fill(phrase), self._fill(anchor)):
+                    out.append(PromptPair(t_prompt, a_prompt, target.name))
+        return out
+
+    def preserve_prompts(self) -> list[str]:
+        return [p for concept in self.preserve for p in self._fill(concept)]
+
+    def to_dict(self) -> dict:
+        return {"targets": [{"name": t.name, "synonyms": t.synonyms} for t in self.targets],
+                "anchors": self.anchors, "preserve": self.preserve, "templates": self.templates,
+                "expand": self.expand}
+
+
+def _templates(value) -> list[str]:
+    if isinstance(value, str):
+        if value not in TEMPLATE_SETS:
+            raise UserError(f"unknown template set {value!r}: use {sorted(TEMPLATE_SETS)} "
+                            "or a list of strings with {}")
+        return list(TEMPLATE_SETS[value])
+    templates = [str(t) for t in value]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad or not templates:
+        raise UserError(f"every template needs exactly one {{}} for the concept (bad: {bad[:3]})")
+    return templates

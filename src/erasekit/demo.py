@@ -1,0 +1,114 @@
+"""`erasekit demo`: the whole story on the built-in testbed, in about a minute on a laptop CPU."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .errors import UserError
+from .grid import make_grid, to_pil
+from .outputs import atomic_dir
+
+MARKER = "demo.json"
+
+# The same scenes asked for in canonical words and in held-out words the model never saw in training.
+DEMO_PROMPTS = [
+    ("a striped red star on a sky background", "a barred ruby pentagram in the air"),
+    ("a solid blue circle on a grass background", "a fully shaded sapphire ball in a field"),
+    ("a outlined yellow triangle on a black background", "a wireframe mustard pyramid in darkness"),
+    ("a solid purple cross on a white background", "a opaque lilac crucifix on a snowy backdrop"),
+]
+SEEDS = (0, 1)
+
+
+def _check_out(out: Path) -> bool:
+    """May the demo write here? Only into a new or empty folder, or over an earlier demo's output."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise UserError(f"{out} exists and does not hold an earlier demo: choose another folder with --out")
+    return out.exists()
+
+
+def run_demo(out: str | Path = "erasekit-demo", samples: int = 64, concept: str = "star",
+             method: str = "uce") -> Path:
+    from . import load
+    from .testbed.evaluate import accuracy, attribute_prompts, generate, judge_verdicts
+    from .testbed.judge import load_judge
+    from .testbed.world import ATTRIBUTES, VALUES
+
+    out = Path(out)
+    replace = _check_out(out)
+    start = time.time()
+    print("loading the testbed (a 4.6M-parameter text-to-image model, 16x16 pixels) and its judge")
+    model, judge = load("testbed"), load_judge()
+
+    pairs = [(text, seed) for pair in DEMO_PROMPTS for text in pair for seed in SEEDS]
+    images = model.sample([t for t, _ in pairs], [s for _, s in pairs], progress=False)
+    verdicts = judge_verdicts(judge, images)
+    print("\nwhat the judge sees in each generated image (wording: canonical, then held-out):")
+    labels = []
+    for i, (text, seed) in enumerate(pairs):
+        seen = " ".join(VALUES[a][int(verdicts[a][i])] for a in ATTRIBUTES)
+        labels.append(f"{text} | seed {seed} | judge: {seen}")
+        print(f"  {text:<52} seed {seed}  ->  {seen}")
+
+    print(f"\njudge accuracy against the prompt on {samples} random prompts per wording kind:")
+    table = {}
+    for kind in ("canonical", "heldout"):
+        prompts = attribute_prompts(kind, samples, seed=500)
+        table[kind] = accuracy(judge_verdicts(judge, generate(model, prompts)), prompts)
+        print(f"  {kind:<10} " + "  ".join(f"{a} {table[kind][a]:.2f}" for a in ATTRIBUTES))
+
+    erasure, before_after = erase_step(model, judge, concept, method, samples)
+
+    with atomic_dir(out, overwrite=replace) as tmp:
+        make_grid(to_pil(images), columns=len(SEEDS) * 2, labels=labels, cell=128, label_lines=5).save(
+            tmp / "grid.png")
+        before_after.save(tmp / "erasure.png")
+        erasure["delta"].save(tmp / f"{concept}-{method}.safetensors")
+        record = {"model": model.identity(), "sampler": model.sampler_defaults, "images": labels,
+                  "accuracy": table, "samples": samples,
+                  "erasure": {k: v for k, v in erasure.items() if k != "delta"},
+                  "wall_time_s": round(time.time() - start, 1)}
+        (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {out / 'grid.png'} (each row: one scene; left two in canonical words, right two held-out),")
+    print(f"      {out / 'erasure.png'} (left: original, right: after erasing {concept!r}; same prompts and seeds)")
+    print(f"      and the delta {out / f'{concept}-{method}.safetensors'}, in {time.time() - start:.0f} s")
+    return out
+
+
+def erase_step(model, judge, concept: str, method_name: str, samples: int):
+    """Erase one testbed concept with a closed-form method; before/after grid and rates."""
+    from . import methods
+    from .concepts import Concept, ConceptSpec
+    from .grid import make_grid, to_pil
+    from .testbed.evaluate import generate, measure_concepts, public
+    from .testbed.prompts import attribute_of, concept_prompts
+    from .testbed.world import VALUES, wordings
+
+    attr = attribute_of(concept)
+    spec = ConceptSpec([Concept(concept, list(wordings(attr, concept, "synonym")))],
+                       preserve=[v for v in VALUES[attr] if v != concept], expand=True)
+    method = methods.get(method_name)
+    t0 = time.time()
+    delta = method.erase(model, spec, method.config())
+    print(f"\nerasing {concept!r} with {method_name} (closed form, {len(delta.tensors)} tensors) took "
+          f"{time.time() - t0:.2f} s; measuring on {samples} prompts per wording kind:")
+    before = measure_concepts(model, judge, [concept], samples)
+    with delta.applied(model):
+        after = measure_concepts(model, judge, [concept], samples)
+    for name, m in (("before", before), ("after", after)):
+        rates = "  ".join(f"{k} {v:.2f}" for k, v in m["target_rate"].items())
+        print(f"  {name:<6} {concept!r} present: {rates}   |  accuracy on prompts without it: "
+              f"{m['preservation_accuracy']:.2f}")
+    shown = concept_prompts(concept, "canonical", 4, seed=90) + concept_prompts(concept, "heldout", 2, seed=95)
+    orig = generate(model, shown)
+    with delta.applied(model):
+        edited = generate(model, shown)
+    pils, labels = [], []
+    for p, a, b in zip(shown, to_pil(orig), to_pil(edited)):
+        pils += [a, b]
+        labels += [f"original: {p.text}", f"erased: {p.text}"]
+    grid = make_grid(pils, columns=4, labels=labels, cell=128, label_lines=5)
+    return {"concept": concept, "method": method_name, "before": public(before), "after": public(after),
+            "delta": delta}, grid

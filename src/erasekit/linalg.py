@@ -1,0 +1,122 @@
+"""Closed-form solvers shared by every closed-form erasure method: pure functions, batched over layers.
+
+Conventions: a layer's weight W is (out, d); keys are row vectors stacked as (N, d); a batch of layers
+is (B, out, d). Matrices shared by all layers of one input width (the keys are text embeddings, the
+same for every K/V projection) are solved once. Everything is solved in float64 through a Cholesky
+factorisation, never with an explicit inverse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def gram(keys: Tensor, weights: Tensor | None = None) -> Tensor:
+    """sum_i w_i k_i k_i^T for keys (..., N, d) -> (..., d, d), in float64."""
+    k = keys.double()
+    if weights is not None:
+        return torch.einsum("...n,...ni,...nj->...ij", weights.double(), k, k)
+    return k.transpose(-1, -2) @ k
+
+
+def right_solve(rhs: Tensor, spd: Tensor) -> Tensor:
+    """X with X @ spd = rhs for a symmetric positive-definite spd; rhs (..., out, d), spd (d, d) or (..., d, d).
+
+    One Cholesky factorisation per distinct spd; a shared spd solves all layers in one call."""
+    spd = spd.double()
+    rhs = rhs.double()
+    chol, info = torch.linalg.cholesky_ex(spd)
+    if bool((info != 0).any()):
+        raise ValueError("the system matrix is not positive definite: raise the regulariser (lambda / ridge)")
+    # X spd = rhs  <=>  spd X^T = rhs^T (spd symmetric)
+    return torch.cholesky_solve(rhs.transpose(-1, -2), chol).transpose(-1, -2)
+
+
+def uce_solve(w0: Tensor, erase_keys: Tensor, erase_values: Tensor, preserve_keys: Tensor | None = None,
+              lam: float = 0.5, erase_scale: float = 1.0, preserve_scale: float = 1.0) -> Tensor:
+    """UCE's closed form, batched over layers.
+
+    W = (lam W0 + s_e sum_i v*_i c_i^T + s_p sum_j W0 c_j c_j^T) (lam I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T)^-1
+
+    w0: (B, out, d); erase_keys: (N_e, d) or (B, N_e, d); erase_values: (B, N_e, out) (v*_i per layer);
+    preserve_keys: (N_p, d) or (B, N_p, d) or None. Returns W (B, out, d) in float64.
+    """
+    d = w0.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64, device=w0.device)
+    w0 = w0.double()
+    lhs = lam * eye + erase_scale * gram(erase_keys)
+    rhs = lam * w0 + erase_scale * erase_values.double().transpose(-1, -2) @ erase_keys.double()
+    if preserve_keys is not None and preserve_keys.shape[-2] > 0:
+        pg = gram(preserve_keys)
+        lhs = lhs + preserve_scale * pg
+        rhs = rhs + preserve_scale * w0 @ pg
+    return right_solve(rhs, lhs)
+
+
+def prior_solve(w0: Tensor, source_keys: Tensor, target_keys: Tensor, prior: Tensor | None = None,
+                prior_scale: float = 0.01, ridge: float = 1e-4) -> Tensor:
+    """TRCE-style mapping with a covariance prior, batched over layers:
+
+    min_W sum_i ||W s_i - W0 t_i||^2 + eta sum_k ||W e_k - W0 e_k||^2 + ridge ||W - W0||^2
+      => W (S^T S + eta K + ridge I) = W0 (T^T S + eta K + ridge I),   K = sum_k e_k e_k^T (the prior).
+
+    source_keys, target_keys: (N, d) paired rows; prior: (d, d) covariance of preservation embeddings.
+    """
+    d = w0.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64, device=w0.device)
+    s, t = source_keys.double(), target_keys.double()
+    lhs = s.transpose(-1, -2) @ s + ridge * eye
+    mix = t.transpose(-1, -2) @ s + ridge * eye
+    if prior is not None:
+        lhs = lhs + prior_scale * prior.double()
+        mix = mix + prior_scale * prior.double()
+    return right_solve(w0.double() @ mix, lhs)
+
+
+def regenerating_embedding(w_edit: Tensor, w0: Tensor, concept: Tensor, mu: float = 1e-3,
+                           toward: Tensor | None = None) -> Tensor:
+    """RECE: the embedding that best regenerates the concept through the edited layers.
+
+    c* = argmin_c sum_l ||W'_l c - W0_l c_concept||^2 + mu ||c - c_ref||^2
+       = (sum_l W'^T_l W'_l + mu I)^-1 (sum_l W'^T_l W0_l c_concept + mu c_ref)
+    w_edit, w0: (B, out, d) layers sharing the input width d; concept: (N, d) rows (each solved);
+    toward: optional (N, d) c_ref (default 0). Returns (N, d) float64.
+    """
+    d = w0.shape[-1]
+    we, wo = w_edit.double(), w0.double()
+    lhs = (we.transpose(-1, -2) @ we).sum(0) + mu * torch.eye(d, dtype=torch.float64, device=w0.device)
+    cross = (we.transpose(-1, -2) @ wo).sum(0)  # (d, d)
+    rhs = concept.double() @ cross.T
+    if toward is not None:
+        rhs = rhs + mu * toward.double()
+    return right_solve(rhs, lhs)
+
+
+def constrained_min_norm(w0: Tensor, x: Tensor, y: Tensor, preserve: Tensor | None = None,
+                         lam: float = 1e-2, rcond: float = 1e-10) -> tuple[Tensor, Tensor]:
+    """ErasePro's zero-residual update, batched over layers.
+
+    min ||dW||^2_{M}  s.t.  (W0 + dW) X = W0 Y   with X, Y (B or 1, d, N) target/anchor input features
+    (columns), M = P P^T + lam I (P: (d, N_p) preservation features; M = I without them):
+        dW = R (X^T M^-1 X)^+ X^T M^-1,   R = W0 (Y - X).
+    Exactly zero residual when X has full column rank (N <= d); otherwise the least-squares fit.
+    Returns (dW (B, out, d) float64, relative residual per layer (B,) = ||(W0+dW)X - W0 Y|| / ||W0 Y||).
+    """
+    w0, x, y = w0.double(), x.double(), y.double()
+    d = w0.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64, device=w0.device)
+    if preserve is not None and preserve.shape[-1] > 0:
+        p = preserve.double()
+        metric = p @ p.transpose(-1, -2) + lam * eye
+        chol = torch.linalg.cholesky(metric)
+        minv_x = torch.cholesky_solve(x, chol)  # M^-1 X  (.., d, N)
+    else:
+        minv_x = x
+    r = w0 @ (y - x)  # (B, out, N)
+    small = x.transpose(-1, -2) @ minv_x  # X^T M^-1 X  (.., N, N)
+    dw = r @ torch.linalg.pinv(small, rtol=rcond, hermitian=True) @ minv_x.transpose(-1, -2)
+    target = w0 @ y
+    residual = ((w0 + dw) @ x - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp(min=1e-30)
+    return dw, residual

@@ -1,0 +1,77 @@
+"""What the closed-form methods share: token rows of encoded prompts, the stacked K/V weights."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..model import Encoded, Model
+
+POSITIONS = ("key", "eot", "key+eot", "eot+padding", "all")
+
+
+def paired_rows(target: Encoded, anchor: Encoded, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned embedding rows of target and anchor prompts (pair i with pair i) at the chosen positions:
+    'key' (last content token), 'eot' (first end-of-text), 'key+eot', 'eot+padding' ([EoT] and the rows after
+    it, matched by offset from [EoT]), 'all' (every row from [KEY] on: key, eot and padding)."""
+    if positions not in POSITIONS:
+        raise UserError(f"unknown positions {positions!r}: use one of {', '.join(POSITIONS)}")
+    t_rows, a_rows = [], []
+    length = target.embeddings.shape[1]
+    for i in range(len(target.prompts)):
+        te, ae = int(target.eot[i]), int(anchor.eot[i])
+        offsets: list[int] = []
+        if positions in ("key", "key+eot", "all"):
+            t_rows.append(target.embeddings[i, max(te - 1, 0)])
+            a_rows.append(anchor.embeddings[i, max(ae - 1, 0)])
+        if positions in ("eot", "key+eot"):
+            offsets = [0]
+        elif positions in ("eot+padding", "all"):
+            offsets = list(range(0, length - max(te, ae)))
+        for k in offsets:
+            t_rows.append(target.embeddings[i, te + k])
+            a_rows.append(anchor.embeddings[i, ae + k])
+    return torch.stack(t_rows), torch.stack(a_rows)
+
+
+def single_rows(enc: Encoded, positions: str) -> torch.Tensor:
+    """Rows of one prompt set at the chosen positions (as paired_rows, against itself)."""
+    return paired_rows(enc, enc, positions)[0]
+
+
+class KVStack:
+    """All cross-attention K/V matrices of a model stacked along their output rows: (sum_out, d).
+
+    Every K/V projection reads the same text embeddings, so a key's Gram matrix is shared and one
+    solve edits every layer at once."""
+
+    def __init__(self, model: Model):
+        self.layers = model.cross_attention_layers()
+        self.names = [la.name for la in self.layers]
+        self.sizes = [la.weight.shape[0] for la in self.layers]
+        self.w0 = torch.cat([la.weight.detach().double().cpu() for la in self.layers])
+
+    def values(self, keys: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs of every layer for key rows (N, d): (N, sum_out)."""
+        return keys.double().cpu() @ (self.w0 if weight is None else weight).T
+
+    def split(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, stacked.float().split(self.sizes)))
+
+    def norms(self, stacked: torch.Tensor) -> dict[str, float]:
+        """Relative Frobenius change per layer."""
+        out = {}
+        for name, new, old in zip(self.names, stacked.split(self.sizes), self.w0.split(self.sizes)):
+            out[name] = float((new - old).norm() / old.norm())
+        return out
+
+
+def warn_unknown_tokens(model: Model, phrases: list[str]) -> list[str]:
+    """Phrases whose every token is unknown to the tokenizer (they carry no meaning to erase)."""
+    bad = []
+    unk = model.tokenizer.unk_token_id
+    for phrase in phrases:
+        ids = model.tokenizer(phrase, add_special_tokens=False).input_ids
+        if phrase.strip() and ids and unk is not None and all(i == unk for i in ids):
+            bad.append(phrase)
+    return bad

@@ -1,0 +1,56 @@
+"""UCE (unified concept editing): one closed-form edit of every cross-attention K/V matrix.
+
+Target keys c_i (the target prompt's embedding row) are mapped to v*_i = W0 c_guide_i (the anchor
+prompt's row through the original layer) while preserve keys keep their outputs; lam ties W to W0.
+Defaults are the public code's: lam 0.5, erase and preserve scales 1, keys at [KEY], guide "".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..concepts import ConceptSpec
+from ..delta import Delta
+from ..linalg import uce_solve
+from ..model import Model
+from .common import KVStack, paired_rows, single_rows
+
+
+@dataclass
+class UCEConfig:
+    lam: float = 0.5
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    positions: str = "key"  # see methods.common.POSITIONS
+    synonyms: bool = True  # erase every synonym listed in the spec, not only the name
+
+
+def erase_keys(model: Model, spec: ConceptSpec, positions: str, synonyms: bool = True):
+    """(target key rows, anchor key rows, preserve key rows or None) of a spec, encoded by model."""
+    pairs = spec.pairs(synonyms=synonyms)
+    targets = model.encode([p.target for p in pairs])
+    anchors = model.encode([p.anchor for p in pairs])
+    keys, guides = paired_rows(targets, anchors, positions)
+    preserve = spec.preserve_prompts()
+    preserve_keys = single_rows(model.encode(preserve), positions) if preserve else None
+    return keys, guides, preserve_keys
+
+
+def solve(kv: KVStack, keys, values, preserve_keys, cfg) -> torch.Tensor:
+    """The UCE solve for all layers at once: (sum_out, d) float64."""
+    return uce_solve(kv.w0[None], keys.cpu(), values[None], None if preserve_keys is None else preserve_keys.cpu(),
+                     lam=cfg.lam, erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale)[0]
+
+
+def erase(model: Model, spec: ConceptSpec, cfg: UCEConfig | None = None) -> Delta:
+    cfg = cfg or UCEConfig()
+    start = time.time()
+    kv = KVStack(model)
+    keys, guides, preserve_keys = erase_keys(model, spec, cfg.positions, cfg.synonyms)
+    w = solve(kv, keys, kv.values(guides), preserve_keys, cfg)
+    stats = {"erase_keys": len(keys), "preserve_keys": 0 if preserve_keys is None else len(preserve_keys),
+             "layers": len(kv.names), "relative_change": kv.norms(w), "seconds": round(time.time() - start, 3)}
+    return Delta.from_changes(model, kv.split(w), "uce", {**asdict(cfg), "spec": spec.to_dict()}, stats)

@@ -1,0 +1,61 @@
+"""Tiny Stable-Diffusion-1.x-shaped pipelines built from configs (random weights, nothing downloaded),
+for tests and benchmarks: erasekit's own and its users'."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+# Merges for a handful of words, so some words are one token and others split into several.
+_MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("s", "t"), ("a", "r</w>"),
+           ("st", "ar</w>"), ("r", "e"), ("re", "d</w>"), ("o", "f</w>"), ("p", "h")]
+
+
+def make_tokenizer(max_length: int = 77):
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(ByteLevel.alphabet()):
+        for token in (ch, ch + "</w>"):
+            vocab.setdefault(token, len(vocab))
+    for a, b in _MERGES:
+        vocab.setdefault(a + b, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=max_length)
+
+
+def make_tiny_sd(path: Path, prediction_type: str = "epsilon", seed: int = 0, cross_attention: bool = True,
+                 cross_attention_dim: int = 32) -> Path:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cross_attention_dim, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    if cross_attention:
+        blocks = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    else:
+        blocks = dict(down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                      mid_block_type=None)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), cross_attention_dim=cross_attention_dim,
+                                attention_head_dim=4, norm_num_groups=4, **blocks)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16)
+    # SD1.x ships a PNDM scheduler config; erasekit samples with DDIM built from it.
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type=prediction_type, set_alpha_to_one=False, steps_offset=1,
+                              skip_prk_steps=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_pretrained(path)
+    return path

@@ -1,0 +1,143 @@
+"""Closed-form methods on a tiny SD pipeline and the testbed: each edit does what its objective says."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import erasekit
+from erasekit import UserError, methods
+from erasekit.concepts import Concept, ConceptSpec
+from erasekit.methods import erasepro, rece, trce, uce
+from erasekit.methods.common import KVStack, paired_rows, single_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from naive_uce import naive_uce  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tiny_sd):
+    return erasekit.load(tiny_sd)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return ConceptSpec([Concept("cat", ["kitten"])], anchors=["dog"], preserve=["star", "red car"], expand=True)
+
+
+def stacked(delta, kv):
+    return torch.cat([delta.tensors[n].double() for n in kv.names])
+
+
+def test_uce_matches_the_public_code_structure(model, spec):
+    delta = uce.erase(model, spec)
+    pairs = [(p.target, p.anchor) for p in spec.pairs()]
+    ref = naive_uce(model, pairs, spec.preserve_prompts(), dtype=torch.float64)
+    for name, value in ref.items():
+        rel = (delta.tensors[name] - value).norm() / value.norm()
+        assert rel < 1e-5, (name, float(rel))
+    assert delta.method == "uce" and delta.stats["erase_keys"] == 10 and delta.stats["layers"] == 8
+
+
+def test_uce_maps_targets_to_guides_and_keeps_preserved(model, spec):
+    delta = uce.erase(model, spec, uce.UCEConfig(lam=0.05))
+    kv = KVStack(model)
+    keys, guides, keep = uce.erase_keys(model, spec, "key")
+    w = stacked(delta, kv)
+    before = (kv.values(keys) - kv.values(guides)).norm()
+    after = (kv.values(keys, w) - kv.values(guides)).norm()
+    drift = (kv.values(keep, w) - kv.values(keep)).norm() / kv.values(keep).norm()
+    assert after < 0.2 * before and drift < 0.1
+
+
+def test_rece_adds_derived_keys_and_stops_them_regenerating(model, spec):
+    delta = rece.erase(model, spec, rece.RECEConfig(epochs=2))
+    rounds = delta.stats["rounds"]
+    assert len(rounds) == 2 and delta.stats["erase_keys"] > 10
+    assert all(r["regeneration_error_after"] > r["regeneration_error_before"] for r in rounds)
+    assert not torch.allclose(delta.tensors[KVStack(model).names[0]], uce.erase(model, spec).tensors[
+        KVStack(model).names[0]])
+
+
+def test_erasepro_zero_residual_and_per_layer_record(model):
+    spec = ConceptSpec([Concept("cat", ["kitten"])], anchors=["dog"], expand=True)  # 20 rows <= d = 32
+    delta = erasepro.erase(model, spec)
+    rows = delta.stats["per_layer"]
+    assert len(rows) == len(model.text_mlp_layers()) + 1
+    assert all(r["residual"] < 1e-4 for r in rows)
+    # the final K/V edit maps the (text-edited) target rows exactly onto the original outputs for the anchors
+    with delta.applied(model):
+        t = model.encode([p.target for p in spec.pairs()])
+        a = model.encode([p.anchor for p in spec.pairs()])
+        x, y = paired_rows(t, a, "key+eot")
+        kv_now = KVStack(model)
+    kv0 = KVStack(model)
+    assert torch.allclose(kv_now.values(x), kv0.values(y), atol=1e-3 * kv0.values(y).abs().max())
+    kv_only = erasepro.erase(model, spec, erasepro.EraseProConfig(layers="kv"))
+    assert len(kv_only.stats["per_layer"]) == 1 and not any(k.startswith("text_encoder") for k in kv_only.tensors)
+
+
+def test_erasepro_warns_when_targets_exceed_the_feature_dimension(model):
+    spec = ConceptSpec([Concept("cat", ["kitten", "kitty", "tomcat"])], anchors=["dog"], expand=True)  # 40 > 32
+    with pytest.warns(UserWarning, match="residual cannot be zero"):
+        delta = erasepro.erase(model, spec, erasepro.EraseProConfig(layers="kv"))
+    assert delta.stats["per_layer"][0]["residual"] > 1e-4
+
+
+def test_trce_stage1_maps_eot_rows_and_caches_its_prior(model, spec, tmp_path):
+    captions = ["a red car", "a dog on grass", "a photo of a star", "a cat"] * 10
+    cfg = trce.TRCEStage1Config(prior_cache=str(tmp_path / "prior.safetensors"))
+    delta = trce.erase_stage1(model, spec, captions, cfg)
+    assert delta.stats["prior"]["cached"] is False and delta.stats["pairs"] == 2 * 15
+    again = trce.erase_stage1(model, spec, captions, cfg)
+    assert again.stats["prior"]["cached"] is True
+    kv = KVStack(model)
+    malicious, safe = trce.stage1_pairs(spec, "trce")
+    m, s = paired_rows(model.encode(malicious), model.encode(safe), "eot")
+    w = stacked(delta, kv)
+    assert (kv.values(m, w) - kv.values(s)).norm() < 0.5 * (kv.values(m) - kv.values(s)).norm()
+    for name in delta.tensors:
+        assert torch.equal(delta.tensors[name], again.tensors[name])
+    with pytest.raises(UserError, match="preservation caption list"):
+        trce.erase(model, spec)  # a real model has no default caption list
+
+
+def test_every_method_erases_several_concepts_at_once(model):
+    spec = ConceptSpec(["cat", "star"], anchors=["dog", "circle"])
+    for name in methods.names():
+        method = methods.get(name)
+        cfg = method.config(prior_prompts=None) if name == "trce-stage1" else method.config()
+        if name == "trce-stage1":
+            delta = trce.erase_stage1(model, spec, ["a red car", "a dog"] * 5, cfg)
+        else:
+            delta = method.erase(model, spec, cfg)
+        assert len(delta.tensors) >= 8 and delta.config["spec"]["targets"][1]["name"] == "star"
+
+
+def test_methods_on_the_testbed_find_its_layers():
+    testbed = erasekit.load("testbed")
+    spec = ConceptSpec(["star"], preserve=["circle"])
+    delta = uce.erase(testbed, spec)
+    assert len(delta.tensors) == 14
+    assert len(testbed.text_mlp_layers()) == 6
+    rows = single_rows(testbed.encode(["a star"]), "key")
+    assert rows.shape == (1, 384)
+
+
+def test_method_registry_and_config_errors():
+    with pytest.raises(UserError, match="unknown method 'esd-magic'"):
+        methods.get("esd-magic")
+    method = methods.get("uce")
+    cfg = methods.build_config(method, {"lam": "0.25", "synonyms": "false"})
+    assert cfg.lam == 0.25 and cfg.synonyms is False
+    with pytest.raises(UserError, match=r"unknown keys \['lambda'\]"):
+        methods.build_config(method, {"lambda": 1})
+    with pytest.raises(UserError, match="cannot read"):
+        methods.build_config(method, {"lam": "big"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        methods.build_config(methods.get("trce-stage1"), {"prior_cache": "none"})
