@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("train-clip", help="train the testbed's image encoder aligned with its text encoder")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=800)
     p.set_defaults(func=cmd_testbed_train_clip)
     return parser
 
