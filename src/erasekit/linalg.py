@@ -40,19 +40,19 @@ def uce_solve(w0: Tensor, erase_keys: Tensor, erase_values: Tensor, preserve_key
 
     W = (lam W0 + s_e sum_i v*_i c_i^T + s_p sum_j W0 c_j c_j^T) (lam I + s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T)^-1
 
+    Since the right factor is M = lam I + s_e C^T C + s_p P^T P, the left one equals W0 M + s_e (V* - W0 C^T) C,
+    so W = W0 + s_e (V* - W0 C^T) (C M^-1): a rank-N update, computed without ever forming W0 M (rows x d^2).
+
     w0: (B, out, d); erase_keys: (N_e, d) or (B, N_e, d); erase_values: (B, N_e, out) (v*_i per layer);
     preserve_keys: (N_p, d) or (B, N_p, d) or None. Returns W (B, out, d) in float64.
     """
     d = w0.shape[-1]
-    eye = torch.eye(d, dtype=torch.float64, device=w0.device)
-    w0 = w0.double()
-    lhs = lam * eye + erase_scale * gram(erase_keys)
-    rhs = lam * w0 + erase_scale * erase_values.double().transpose(-1, -2) @ erase_keys.double()
+    w0, keys = w0.double(), erase_keys.double()
+    metric = lam * torch.eye(d, dtype=torch.float64, device=w0.device) + erase_scale * gram(keys)
     if preserve_keys is not None and preserve_keys.shape[-2] > 0:
-        pg = gram(preserve_keys)
-        lhs = lhs + preserve_scale * pg
-        rhs = rhs + preserve_scale * w0 @ pg
-    return right_solve(rhs, lhs)
+        metric = metric + preserve_scale * gram(preserve_keys)
+    residual = erase_values.double() - keys @ w0.transpose(-1, -2)  # (B, N, out): v*_i - W0 c_i
+    return w0 + erase_scale * residual.transpose(-1, -2) @ right_solve(keys, metric)
 
 
 def prior_solve(w0: Tensor, source_keys: Tensor, target_keys: Tensor, prior: Tensor | None = None,
@@ -60,19 +60,17 @@ def prior_solve(w0: Tensor, source_keys: Tensor, target_keys: Tensor, prior: Ten
     """TRCE-style mapping with a covariance prior, batched over layers:
 
     min_W sum_i ||W s_i - W0 t_i||^2 + eta sum_k ||W e_k - W0 e_k||^2 + ridge ||W - W0||^2
-      => W (S^T S + eta K + ridge I) = W0 (T^T S + eta K + ridge I),   K = sum_k e_k e_k^T (the prior).
+      => W M = W0 (T^T S + eta K + ridge I),   M = S^T S + eta K + ridge I,   K = sum_k e_k e_k^T (the prior)
+      => W = W0 + W0 (T - S)^T (S M^-1)        (a rank-N update).
 
     source_keys, target_keys: (N, d) paired rows; prior: (d, d) covariance of preservation embeddings.
     """
     d = w0.shape[-1]
-    eye = torch.eye(d, dtype=torch.float64, device=w0.device)
-    s, t = source_keys.double(), target_keys.double()
-    lhs = s.transpose(-1, -2) @ s + ridge * eye
-    mix = t.transpose(-1, -2) @ s + ridge * eye
+    w0, s, t = w0.double(), source_keys.double(), target_keys.double()
+    metric = s.transpose(-1, -2) @ s + ridge * torch.eye(d, dtype=torch.float64, device=w0.device)
     if prior is not None:
-        lhs = lhs + prior_scale * prior.double()
-        mix = mix + prior_scale * prior.double()
-    return right_solve(w0.double() @ mix, lhs)
+        metric = metric + prior_scale * prior.double()
+    return w0 + (w0 @ (t - s).transpose(-1, -2)) @ right_solve(s, metric)
 
 
 def regenerating_embedding(w_edit: Tensor, w0: Tensor, concept: Tensor, mu: float = 1e-3,
