@@ -1,6 +1,8 @@
 """Closed-form methods on the testbed: target rates (canonical, synonym, held-out wording), preservation
-accuracy and Fréchet distance to the original model's outputs, for a shape, a style, a colour and a
-two-concept case. Resumable: finished rows are kept in the output JSON and skipped on a rerun.
+accuracy and Fréchet distance to the original model's outputs, for a style, a colour, a background and a
+two-concept case. (No shape: the shipped denoiser does not draw shapes reliably yet, see docs/TESTBED.md, so
+a shape's unedited target rate is too low to measure erasure.) Resumable: finished rows are kept in the
+output JSON and skipped on a rerun.
 
 Usage: python experiments/closed_form.py [--samples 100] [--out docs/results/closed_form.json]
 """
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONCEPT_SETS = (("star",), ("striped",), ("red",), ("star", "red"))
+CONCEPT_SETS = (("striped",), ("red",), ("grass",), ("red", "striped"))
 METHODS = ("uce", "rece", "erasepro", "trce-stage1")
 
 

@@ -29,7 +29,7 @@ def _check_out(out: Path) -> bool:
     return out.exists()
 
 
-def run_demo(out: str | Path = "erasekit-demo", samples: int = 64, concept: str = "star",
+def run_demo(out: str | Path = "erasekit-demo", samples: int = 48, concept: str = "red",
              method: str = "uce") -> Path:
     from . import load
     from .testbed.evaluate import accuracy, attribute_prompts, generate, judge_verdicts
