@@ -58,14 +58,16 @@ def sd14_folder(path: Path) -> Path:
 
 
 def concepts(n: int) -> list[str]:
-    return [f"{WORDS[i % len(WORDS)]} {WORDS[(i * 7 + 3) % len(WORDS)]}" for i in range(n)]
+    """n distinct two-word concepts (up to 26 x 25)."""
+    k = len(WORDS)
+    return [f"{WORDS[i % k]} {WORDS[(i % k + 1 + i // k) % k]}" for i in range(n)]
 
 
 def max_rel_diff(delta, ref) -> float:
     return max(float((delta.tensors[k].double() - v.double()).norm() / v.double().norm()) for k, v in ref.items())
 
 
-def run(model, counts, naive_up_to: int, preserve_n=10) -> list[dict]:
+def run(model, counts, naive_up_to: int, preserve_n=10, save=lambda rows: None) -> list[dict]:
     """erasekit's UCE for each count; the naive float32 baseline (timed) and a float64 run of the same loop
     (for weight equality) for counts up to naive_up_to."""
     from erasekit.concepts import ConceptSpec
@@ -90,6 +92,7 @@ def run(model, counts, naive_up_to: int, preserve_n=10) -> list[dict]:
             row["max_rel_diff_vs_naive_float64"] = max_rel_diff(
                 delta, naive_uce(model, pairs, spec.preserve_prompts(), dtype=torch.float64))
         rows.append(row)
+        save(rows)
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -114,10 +117,13 @@ def main() -> None:
         info = {"kv_matrices": len(model.cross_attention_layers()),
                 "d": model.unet.config.cross_attention_dim}
         print(f"{name}: {info}", flush=True)
-        result["models"][name] = {**info, "rows": run(model, args.counts, args.naive_up_to)}
+        def save(rows, name=name, info=info):
+            result["models"][name] = {**info, "rows": rows}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+        run(model, args.counts, args.naive_up_to, save=save)
         del model
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

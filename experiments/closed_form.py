@@ -54,7 +54,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help="methods, or variants as NAME:KEY=VALUE[,KEY=VALUE]")
+    parser.add_argument("--sets", nargs="+", default=["+".join(c) for c in CONCEPT_SETS],
+                        help="concept sets, concepts joined by '+'")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "closed_form.json"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -62,8 +65,8 @@ def main() -> None:
     if results["samples"] != args.samples:
         raise SystemExit(f"{out} holds a run with {results['samples']} samples: use another --out")
     model, judge = erasekit.load("testbed"), load_judge()
-    for concepts in CONCEPT_SETS:
-        key = "+".join(concepts)
+    for key in args.sets:
+        concepts = tuple(key.split("+"))
         block = results["sets"].setdefault(key, {"methods": {}})
         todo = [m for m in args.methods if m not in block["methods"]]
         if not todo:
@@ -71,9 +74,11 @@ def main() -> None:
         original = measure_concepts(model, judge, list(concepts), args.samples)
         block["original"] = public(original)
         for name in todo:
-            method = methods.get(name)
+            base, _, options = name.partition(":")  # a variant: "trce-stage1:positions=all"
+            method = methods.get(base)
+            cfg = methods.build_config(method, dict(kv.split("=", 1) for kv in options.split(",") if kv))
             t0 = time.time()
-            delta = method.erase(model, spec_for(concepts), method.config())
+            delta = method.erase(model, spec_for(concepts), cfg)
             seconds = time.time() - t0
             report = concept_report(model, judge, list(concepts), [delta], args.samples, original=original)
             report["edit_seconds"] = round(seconds, 3)
