@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing delta file")
     p.set_defaults(func=cmd_erase)
 
-    p = sub.add_parser("demo", help="the whole story on the built-in testbed, in about a minute")
+    p = sub.add_parser("demo", help="the whole story on the built-in testbed: generate, judge, erase, measure")
     p.add_argument("--out", default="erasekit-demo", help="output folder (default erasekit-demo)")
     p.add_argument("--samples", type=int, default=48, help="prompts per wording kind for the accuracy check")
     p.add_argument("--concept", default="red", help="the testbed concept the demo erases (default red)")

@@ -1,4 +1,4 @@
-"""`erasekit demo`: the whole story on the built-in testbed, in about a minute on a laptop CPU."""
+"""`erasekit demo`: the whole story on the built-in testbed: generate, judge, erase a concept, measure."""
 
 from __future__ import annotations
 
