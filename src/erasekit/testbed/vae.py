@@ -43,8 +43,7 @@ class PixelVAE(ModelMixin, ConfigMixin):
     def __init__(self, in_channels: int = 3, latent_channels: int = 3, sample_size: int = 16,
                  scaling_factor: float = 1.0, block_out_channels: tuple[int, ...] = (3,)):
         super().__init__()
-        # A parameter so that .dtype and .device work like any diffusers model.
-        self.register_buffer("_anchor", torch.zeros(1), persistent=False)
+        # A (frozen) parameter so that .dtype and .device work like any diffusers model.
         self._dummy = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
