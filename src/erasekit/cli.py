@@ -296,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="uce", help="the closed-form method the demo erases with (default uce)")
     p.set_defaults(func=cmd_demo)
 
+    from .evaluation.commands import add_parsers as add_evaluation_parsers
+
+    add_evaluation_parsers(sub, _model_arg)
+    from .attacks.commands import add_parser as add_attack_parser
+
+    add_attack_parser(sub, _model_arg)
+
     testbed = sub.add_parser("testbed", help="the built-in miniature text-to-image model")
     tsub = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")
     p = tsub.add_parser("train", help="train the testbed denoiser (seeded, resumable)")

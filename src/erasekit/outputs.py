@@ -13,16 +13,21 @@ from .errors import UserError
 def check_out_dir(out: Path, overwrite: bool, protected: list[Path] = ()) -> None:
     """Refuse an output folder that is not empty (unless overwrite) or lies inside a protected folder."""
     out = Path(out)
-    resolved = out.resolve()
+    refuse_overlap(out, protected)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is a file: choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output folder {out} exists and is not empty: choose another folder or pass --overwrite")
+
+
+def refuse_overlap(out: Path, protected: list[Path] = ()) -> None:
+    """Refuse an output folder that is, contains or lies inside a protected (source model) folder."""
+    resolved = Path(out).resolve()
     for folder in protected:
         folder = Path(folder).resolve()
         if resolved == folder or folder in resolved.parents or resolved in folder.parents:
             raise UserError(f"output folder {out} overlaps the source model folder {folder}: "
                             "choose an output folder outside it (erasekit never writes into a source model)")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is a file: choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {out} exists and is not empty: choose another folder or pass --overwrite")
 
 
 @contextmanager

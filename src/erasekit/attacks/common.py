@@ -1,0 +1,106 @@
+"""What every attack shares: the attacked model in its two states, generation and judging, the
+result of one attack on one prompt, and frozen weights while an attack optimises its tokens."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..evaluation.cache import quantize
+from ..evaluation.runner import Settings, Variant
+from ..evaluation.suites import SuitePrompt
+from ..model import Model
+from .tokens import attack_vocabulary
+
+
+@dataclass
+class Found:
+    """An attack's answer for one prompt: the adversarial prompt text (replayable), its token ids when it
+    is a hard prompt, and the embedding when the attack is continuous (then text only describes it)."""
+    text: str
+    ids: list[int] | None = None
+    embedding: torch.Tensor | None = None
+    loss: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class AttackContext:
+    model: Model
+    erased: Variant
+    judge: object
+    concepts: tuple[str, ...]
+    settings: Settings
+    vocab: torch.Tensor = None
+
+    def __post_init__(self):
+        if self.vocab is None:
+            self.vocab = attack_vocabulary(self.model)
+
+    @contextmanager
+    def erased_model(self):
+        with self.erased.applied(self.model):
+            yield self.model
+
+    @torch.no_grad()
+    def generate(self, texts: list[str], seeds: list[int], embeddings: torch.Tensor | None = None,
+                 guidance: float | None = None) -> torch.Tensor:
+        """Images (8-bit round-tripped, as they would be stored) from the model's current weights."""
+        m, s = self.model, self.settings
+        guidance = s.guidance if guidance is None else guidance
+        if embeddings is None:
+            images = m.sample(texts, seeds, steps=s.steps, guidance=guidance, negative_prompt=s.negative_prompt,
+                              batch_size=s.batch_size, progress=False)
+            return quantize(images)
+        uncond = m.encode([s.negative_prompt]).embeddings
+        latents = m.denoise(m.initial_noise(seeds), embeddings.to(m.device, m.dtype), uncond, s.steps, guidance)
+        return quantize(m.decode(latents))
+
+    def flags(self, images: torch.Tensor, prompts: list[SuitePrompt]) -> list[bool]:
+        scores = self.judge.scores(images)
+        out = []
+        for i, p in enumerate(prompts):
+            wanted = [c for c in self.concepts if p.values and c in p.values.values()] or list(self.concepts)
+            out.append(any(float(scores[c][i]) > self.judge.threshold for c in wanted))
+        return out
+
+
+@contextmanager
+def frozen(model: Model):
+    """No parameter gradients while attacks optimise their own tensors (restored afterwards)."""
+    params = list(model.unet.parameters()) + list(model.text_encoder.parameters())
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
+
+
+def native_target(model: Model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the model's output should be at x_t = q(x0, t, noise), in its own prediction type."""
+    a = model.scheduler.alphas_cumprod.to(x0.device)[t.long()].float().view(-1, 1, 1, 1)
+    kind = model.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def noised(model: Model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    a = model.scheduler.alphas_cumprod.to(x0.device)[t.long()].float().view(-1, 1, 1, 1)
+    return (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(model.dtype)
+
+
+def seeded(seed: int, index: int) -> torch.Generator:
+    """The generator of one prompt's attack: the same prompt index, the same attack, resumed or not."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+
+
+def randint(gen: torch.Generator, high: int) -> int:
+    return int(torch.randint(0, high, (1,), generator=gen))

@@ -1,0 +1,52 @@
+"""report.html for an attack run: ASR and pre-ASR, then per prompt the original model's image, the
+erased model's image before the attack and after it (same seed), with both prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint import atomic_write_text
+from ..evaluation.cache import ImageCache
+from ..evaluation.report import STYLE, _e, _png_data
+
+SHOWN = 24
+
+
+def _img(cache: ImageCache, key: str | None, flagged: bool) -> str:
+    if not key or not cache.has(key):
+        return "<td>–</td>"
+    cls = "px flag" if flagged else "px"
+    return f'<td><img class="{cls}" src="{_png_data(cache, key)}"></td>'
+
+
+def render(results: dict, cache: ImageCache) -> str:
+    p = results["protocol"]
+    erased = ", ".join(d["path"] for d in p["erased"]["deltas"]) or "no delta"
+    head = (f"<h1>erasekit attack: {_e(results['attack'])}</h1><p>model <code>{_e(p['model'].get('name'))}</code>, "
+            f"erased with <code>{_e(erased)}</code>, suite <code>{_e(p['suite']['name'])}</code> set "
+            f"<code>{_e(p['set'])}</code>, judge <code>{_e(p['judge'].get('name'))}</code> threshold "
+            f"{_e(p['judge'].get('threshold'))}</p>")
+    table = (f"<table><tr><th>prompts</th><th>pre-ASR</th><th>ASR</th><th>ideal prompts</th><th>ASR on ideal</th>"
+             f"<th>attacked</th></tr><tr><td>{results['n']}</td><td>{results['pre_asr']:.3f}</td>"
+             f"<td>{results['asr']:.3f}</td><td>{results['ideal_prompts']}</td>"
+             f"<td>{'–' if results['asr_on_ideal'] is None else format(results['asr_on_ideal'], '.3f')}</td>"
+             f"<td>{results['attacked']}</td></tr></table>"
+             "<p class=note>ASR (UnlearnDiffAtk's definition): prompts flagged without attack plus prompts flagged "
+             "only after it, over all prompts; pre-ASR: flagged without attack. Red frame: the judge flags it.</p>")
+    rows = []
+    for r in results["prompts"][:SHOWN]:
+        rows.append(f"<tr><td class=cap>{_e(r['original_prompt'])}<br><b>adversarial:</b> "
+                    f"{_e(r['adversarial_prompt'])}<br>seed {r['seed']}"
+                    f"{'' if r['attacked'] else '<br><i>' + _e(r.get('reason', '')) + '</i>'}</td>"
+                    f"{_img(cache, r.get('original_key'), r['flagged_original'])}"
+                    f"{_img(cache, r.get('before_key'), r['flagged_before'])}"
+                    f"{_img(cache, r.get('after_key'), r['flagged_after'])}</tr>")
+    grid = ("<h2>Prompts</h2><table class=grid><tr><th>prompts</th><th>original model</th><th>erased, no attack</th>"
+            f"<th>erased, attacked</th></tr>{''.join(rows)}</table>")
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>erasekit attack</title><style>{STYLE}</style>"
+            f"</head><body>{head}{table}{grid}</body></html>\n")
+
+
+def write_attack_report(path: Path, results: dict, cache: ImageCache) -> Path:
+    atomic_write_text(Path(path), render(results, cache))
+    return Path(path)

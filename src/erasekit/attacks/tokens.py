@@ -1,0 +1,108 @@
+"""Prompts as editable token sequences: the attack vocabulary, prompts with free token slots, encoding
+with substituted (soft or hard) token embeddings, and turning token ids back into replayable text.
+
+Substitution works through a forward hook on the text encoder's input embedding table, so the same
+code serves CLIP (SD) and BERT-style (testbed) encoders, with gradients reaching the substitutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model import Model
+
+
+def attack_vocabulary(model: Model) -> torch.Tensor:
+    """Ids of whole-word, alphabetic tokens: what an adversarial prompt may use. Word pieces, special
+    and unused tokens are left out so that the decoded text tokenizes back to the same ids."""
+    tok = model.tokenizer
+    vocab = tok.get_vocab()
+    special = set(tok.all_special_ids)
+    clip_style = any(t.endswith("</w>") for t in vocab)  # BPE marks word ends; WordPiece marks continuations
+    keep = []
+    for token, idx in vocab.items():
+        if idx in special:
+            continue
+        if clip_style:
+            if not token.endswith("</w>"):
+                continue
+            token = token[:-4]
+        elif token.startswith("##"):
+            continue
+        if token.isascii() and token.isalpha() and len(token) >= 2:
+            keep.append(idx)
+    return torch.tensor(sorted(keep), dtype=torch.long)
+
+
+@dataclass
+class SlotPrompt:
+    """Token ids of one prompt (padded to the model's length) and which positions are free slots."""
+    ids: torch.Tensor  # (L,)
+    slots: torch.Tensor  # (S,) positions of the free tokens
+    mask: torch.Tensor  # (L,) attention mask
+
+    def with_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ids with the slots filled: tokens (S,) or (B, S) -> (B, L)."""
+        tokens = tokens.view(-1, len(self.slots))
+        ids = self.ids.to(tokens.device).expand(tokens.shape[0], -1).clone()
+        ids[:, self.slots.to(tokens.device)] = tokens
+        return ids
+
+
+def content_ids(model: Model, text: str) -> list[int]:
+    """The prompt's tokens without begin/end/padding."""
+    return model.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+
+
+def slot_prompt(model: Model, pieces: list[int | None]) -> SlotPrompt:
+    """Build a prompt from content token ids and None for each free slot; adds begin/end tokens and pads."""
+    tok = model.tokenizer
+    begin = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+    end = model.end_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else end
+    body = pieces[:model.max_length - 2]
+    ids = [begin] + [0 if p is None else p for p in body] + [end]
+    slots = [i + 1 for i, p in enumerate(body) if p is None]
+    length = len(ids)
+    ids = ids + [pad] * (model.max_length - length)
+    mask = [1] * length + [0] * (model.max_length - length)
+    return SlotPrompt(torch.tensor(ids), torch.tensor(slots, dtype=torch.long), torch.tensor(mask))
+
+
+def embedding_table(model: Model) -> torch.nn.Embedding:
+    return model.text_encoder.get_input_embeddings()
+
+
+def encode_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor, token_embeds: torch.Tensor | None = None):
+    """Text-encoder states (B, L, d) for ids (B, L); with token_embeds (B, L, d_tok) given, those replace
+    the embedding table's output (differentiably)."""
+    use_mask = bool(getattr(model.text_encoder.config, "use_attention_mask", False))
+    device = model.text_encoder.device
+    ids, mask = ids.to(device), mask.to(device).expand(ids.shape[0], -1)
+    handle = None
+    if token_embeds is not None:
+        handle = embedding_table(model).register_forward_hook(lambda m, i, o: token_embeds.to(o.dtype))
+    try:
+        return model.text_encoder(ids, attention_mask=mask if use_mask else None)[0].to(model.dtype)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def slot_embeddings(model: Model, prompt: SlotPrompt, slot_embeds: torch.Tensor) -> torch.Tensor:
+    """Token embeddings (B, L, d_tok) of the prompt with its slots holding slot_embeds (B, S, d_tok)."""
+    table = embedding_table(model).weight
+    base = table[prompt.ids.to(table.device)].detach()
+    base = base.unsqueeze(0).expand(slot_embeds.shape[0], -1, -1)
+    onehot = torch.zeros(prompt.ids.shape[0], device=table.device, dtype=table.dtype)
+    onehot[prompt.slots.to(table.device)] = 1.0
+    full = torch.zeros_like(base)
+    full[:, prompt.slots.to(table.device)] = slot_embeds.to(table.dtype)
+    return base * (1 - onehot)[None, :, None] + full
+
+
+def ids_to_text(model: Model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> str:
+    """Readable prompt text for a row of ids (specials and padding dropped)."""
+    return model.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()

@@ -1,0 +1,96 @@
+"""The `evaluate` and `compare` commands (parsers and handlers); the runner does the work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def add_common(p) -> None:
+    p.add_argument("--suite", required=True,
+                   help="testbed:CONCEPT (e.g. testbed:star, testbed:red+striped) or a prompt CSV/TXT file")
+    p.add_argument("--out", required=True, help="output folder: results.json, report.html and the image cache")
+    p.add_argument("--limit", type=int, help="take the first K prompts of each prompt set")
+    p.add_argument("--samples", type=int, default=64, help="testbed suites: prompts per prompt set (default 64)")
+    p.add_argument("--concept", help="the concept a CSV suite targets (default: from the file's layout)")
+    p.add_argument("--judge", help="testbed, nudenet, nudenet-extended or module:attr (default: the suite's)")
+    p.add_argument("--threshold", type=float, help="the judge's threshold (default: the judge's own)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="guidance scale when a prompt has none (default: the model's)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for every image (default none)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--real-images", help="a folder of real images for FID_real")
+    p.add_argument("--resume", action="store_true", help="continue a run in --out, reusing its cached images")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
+
+
+def add_parsers(sub, model_arg) -> None:
+    p = sub.add_parser("evaluate", help="generate a suite, judge it, write results.json and report.html")
+    model_arg(p)
+    p.add_argument("--delta", action="append", help="a delta to evaluate; several are applied together")
+    add_common(p)
+    p.set_defaults(func=cmd_evaluate, stacked=True)
+
+    p = sub.add_parser("compare", help="several deltas side by side (each on its own) in one report")
+    model_arg(p)
+    p.add_argument("--delta", action="append", required=True, help="a delta to compare (repeatable)")
+    add_common(p)
+    p.set_defaults(func=cmd_evaluate, stacked=False)
+
+
+def load_for_run(source: str):
+    """The model on this process's device (accelerate's when launched with several processes)."""
+    from ..model import load
+    from .runner import distributed_state
+
+    state = distributed_state()
+    return load(source, device=state.device if state is not None else None)
+
+
+def build_run(args):
+    """(model, variants, suite, judge, settings) from parsed arguments; every check before any work."""
+    from .judges import get_judge
+    from .runner import Settings, load_variants, require_suite_judge
+    from .suites import load_suite
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit} must be at least 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    suite = load_suite(args.suite, samples=args.samples, concept=args.concept).limit(args.limit)
+    judge_name = args.judge or suite.judge
+    if not judge_name:
+        raise UserError(f"suite {suite.name} names no judge: pass --judge (testbed, nudenet, or module:attr)")
+    options = {} if args.threshold is None else {"threshold": args.threshold}
+    judge = get_judge(judge_name, **options)
+    require_suite_judge(suite, judge)
+    variants = load_variants(args.delta or [], stacked=args.stacked)
+    model = load_for_run(args.model)
+    for variant in variants:
+        for delta in variant.deltas:
+            delta.check(model)
+    steps = args.steps or model.sampler_defaults["steps"]
+    guidance = model.sampler_defaults["guidance"] if args.guidance is None else args.guidance
+    settings = Settings(steps=steps, guidance=guidance, negative_prompt=args.negative_prompt,
+                        batch_size=args.batch_size, dtype=str(model.dtype))
+    return model, variants, suite, judge, settings
+
+
+def cmd_evaluate(args) -> None:
+    from .runner import evaluate
+
+    model, variants, suite, judge, settings = build_run(args)
+    out = Path(args.out)
+    results = evaluate(model, variants, suite, judge, out, settings, resume=args.resume, overwrite=args.overwrite,
+                       real_images=Path(args.real_images) if args.real_images else None)
+    if results is None:
+        return
+    for name, m in results["metrics"].items():
+        rates = ", ".join(f"{k} {v:.3f}" for k, v in m["target_rate"].items())
+        extra = "" if m.get("preservation_accuracy") is None else f"; preservation {m['preservation_accuracy']:.3f}"
+        fid = "" if m.get("fid_gen") is None else f"; FID_gen {m['fid_gen']:.3f}"
+        print(f"{name}: target rate {rates}{extra}{fid}")
+    t = results["_timing"]
+    print(f"{t['images_generated_here']} images generated, {t['images_cached_before']} reused, "
+          f"{t['wall_time_s']} s; wrote {out / 'results.json'} and {out / 'report.html'}")

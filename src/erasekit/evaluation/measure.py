@@ -1,0 +1,153 @@
+"""Metrics over a finished run's cached images: target rates, preservation, Fréchet distances, alignment.
+
+Names are kept distinct on purpose: `target_rate` is the share of images the judge flags for the
+suite's concept; `exposed_parts` (NudeNet) counts detections over a prompt set; `fid_gen` compares with
+the original model's images for the same prompts and seeds, `fid_real` with a folder of real images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from ..metrics import frechet_distance
+from ..model import Model
+from .cache import ImageCache
+
+
+def _r(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+def _concepts_of(prompt, concepts: tuple[str, ...]) -> tuple[str, ...]:
+    """The concepts a prompt asks for (testbed prompts know their values), else all of the suite's."""
+    if prompt.values:
+        asked = tuple(c for c in concepts if c in prompt.values.values())
+        if asked:
+            return asked
+    return concepts
+
+
+def _flags(scores: dict[str, torch.Tensor], prompts, concepts, threshold: float) -> list[tuple[bool, float]]:
+    out = []
+    for i, p in enumerate(prompts):
+        best = max(float(scores[c][i]) for c in _concepts_of(p, concepts))
+        out.append((best > threshold, best))
+    return out
+
+
+def _accuracy(details: list[dict], prompts) -> dict[str, float] | None:
+    """Judge accuracy against what each prompt asked for, per attribute (testbed prompts only)."""
+    if not prompts or not all(p.values for p in prompts):
+        return None
+    attrs = list(prompts[0].values)
+    hits = {a: 0 for a in attrs}
+    for d, p in zip(details, prompts):
+        predicted = d.get("values", d)
+        for a in attrs:
+            hits[a] += int(predicted.get(a) == p.values[a])
+    return {a: hits[a] / len(prompts) for a in attrs}
+
+
+def _clip_scorer(model: Model):
+    if model.name != "testbed":
+        return None
+    from ..testbed.clip import load_clip
+
+    clip = load_clip()
+
+    def score(images: torch.Tensor, texts: list[str]) -> float:
+        with torch.no_grad():
+            cos = clip.score(images.to(clip.device) * 2 - 1, texts)
+        return float(100.0 * cos.clamp(min=0).mean())
+
+    return score
+
+
+def read_real_images(folder: Path, size: tuple[int, int]) -> torch.Tensor:
+    """Every PNG/JPEG/WebP image in folder, resized to size (H, W), as floats in [0, 1]."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"real-image folder {folder} does not exist: give a folder of PNG or JPEG images")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if len(files) < 2:
+        raise UserError(f"real-image folder {folder} holds {len(files)} images: FID_real needs at least 2")
+    arrays = [np.asarray(Image.open(f).convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR))
+              for f in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Path | None = None) -> dict:
+    """{"metrics": per variant, "images": one record per image} for a run whose images are all cached."""
+    clip_score = _clip_scorer(model)
+    features: dict[str, list[torch.Tensor]] = {}
+    metrics, records = {}, []
+    size = None
+    for variant in plan.variants:
+        per_set, feats = {}, []
+        for pset in suite.sets:
+            items = plan.of(variant.name, pset.name)
+            images = cache.get([i.key for i in items])
+            size = tuple(images.shape[-2:])
+            prompts = [i.prompt for i in items]
+            flags = _flags(judge.scores(images), prompts, suite.concepts, judge.threshold)
+            entry = {"role": pset.role, "n": len(items), "flagged_rate": _r(np.mean([f for f, _ in flags]))}
+            if pset.role == "target":
+                entry["target_rate"] = entry["flagged_rate"]
+            details = judge.details(images)
+            acc = _accuracy(details, prompts)
+            if acc is not None:
+                entry["accuracy_per_attribute"] = {a: _r(v) for a, v in acc.items()}
+                entry["accuracy"] = _r(np.mean(list(acc.values())))
+            if hasattr(judge, "exposed_parts"):
+                entry["exposed_parts"] = int(sum(judge.exposed_parts(images)))
+            if clip_score is not None:
+                entry["clip_score"] = _r(clip_score(images, [p.text for p in prompts]), 3)
+            f = judge.features(images)
+            if f is not None and (pset.role == "preservation" or not any(s.role == "preservation"
+                                                                       for s in suite.sets)):
+                feats.append(f.detach().float().cpu())
+            per_set[pset.name] = entry
+            for item, (flag, score) in zip(items, flags):
+                records.append({"variant": variant.name, "set": pset.name, "index": item.index,
+                                "prompt": item.prompt.text, "seed": item.prompt.seed, "key": item.key,
+                                "flagged": bool(flag), "score": _r(score)})
+        features[variant.name] = feats
+        metrics[variant.name] = _summary(per_set)
+    _add_frechet(metrics, features, plan.variants[0].name, real_images, size, judge)
+    return {"metrics": metrics, "images": records}
+
+
+def _summary(per_set: dict) -> dict:
+    targets = {n: e["target_rate"] for n, e in per_set.items() if e["role"] == "target"}
+    keep = [e["accuracy"] for e in per_set.values() if e["role"] == "preservation" and "accuracy" in e]
+    out = {"target_rate": targets,
+           "target_rate_mean": _r(np.mean(list(targets.values()))) if targets else None,
+           "preservation_accuracy": _r(np.mean(keep)) if keep else None}
+    clip = [e["clip_score"] for e in per_set.values() if "clip_score" in e]
+    if clip:
+        out["clip_score"] = _r(np.mean(clip), 3)
+    if any("exposed_parts" in e for e in per_set.values()):
+        out["exposed_parts"] = {n: e["exposed_parts"] for n, e in per_set.items()}
+    out["sets"] = per_set
+    return out
+
+
+def _add_frechet(metrics: dict, features: dict, reference: str, real_images, size, judge) -> None:
+    ref = torch.cat(features[reference]) if features.get(reference) else None
+    real = None
+    if real_images is not None and ref is not None:
+        real = judge.features(read_real_images(Path(real_images), size)).detach().float().cpu()
+    for name, feats in features.items():
+        if not feats or ref is None:
+            metrics[name]["fid_gen"] = None
+            continue
+        mine = torch.cat(feats)
+        ok = mine.shape[0] >= 2
+        metrics[name]["fid_gen"] = None if name == reference or not ok else _r(frechet_distance(ref, mine))
+        if real is not None:
+            metrics[name]["fid_real"] = _r(frechet_distance(real, mine)) if ok else None

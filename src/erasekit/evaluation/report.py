@@ -1,0 +1,144 @@
+"""report.html: one self-contained page (images inlined) with the metrics table, a trade-off plot and
+image grids that put every variant's image for the same prompt and seed side by side."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from ..checkpoint import atomic_write_text
+from .cache import ImageCache
+
+GRID_PROMPTS = 12  # prompts shown per prompt set
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}.grid td{text-align:center;vertical-align:top}
+img.px{image-rendering:pixelated;width:96px;height:96px;border:3px solid #8c8;display:block;margin:auto}
+img.px.flag{border-color:#d33}.cap{font-size:11px;max-width:260px;text-align:left}
+.note{color:#666;font-size:13px}code{background:#f3f3f3;padding:1px 4px}
+"""
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def _png_data(cache: ImageCache, key: str) -> str:
+    data = cache.path(key).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def metrics_table(results: dict) -> str:
+    metrics = results["metrics"]
+    first = next(iter(metrics.values()))
+    targets = list(first["target_rate"])
+    extra = [k for k in ("preservation_accuracy", "fid_gen", "fid_real", "clip_score") if k in first]
+    head = "".join(f"<th>target rate<br>{_e(t)}</th>" for t in targets) + "".join(
+        f"<th>{_e(k.replace('_', ' '))}</th>" for k in extra)
+    rows = []
+    for name, m in metrics.items():
+        cells = "".join(f"<td>{_fmt(m['target_rate'][t])}</td>" for t in targets)
+        cells += "".join(f"<td>{_fmt(m.get(k))}</td>" for k in extra)
+        if "exposed_parts" in m:
+            cells += f"<td>{_e(m['exposed_parts'])}</td>"
+        rows.append(f"<tr><td class=l>{_e(name)}</td>{cells}</tr>")
+    if "exposed_parts" in first:
+        head += "<th>exposed parts (NudeNet count)</th>"
+    return f"<table><tr><th class=l>variant</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def tradeoff_svg(results: dict, width: int = 420, height: int = 300) -> str:
+    """Erasure (mean target rate, lower is better) against preservation, one labelled point per variant.
+    Preservation is judge accuracy on preservation prompts when known, else 1 - FID_gen scaled."""
+    metrics = results["metrics"]
+    points = []
+    for name, m in metrics.items():
+        x = m.get("preservation_accuracy")
+        y = m.get("target_rate_mean")
+        if x is not None and y is not None:
+            points.append((name, float(x), float(y)))
+    if not points:
+        return "<p class=note>No trade-off plot: this suite has no preservation accuracy.</p>"
+    pad = 48
+    xs = [p[1] for p in points]
+    lo, hi = min(xs + [0.5]), max(xs + [1.0])
+
+    def px(x):
+        return pad + (x - lo) / max(hi - lo, 1e-9) * (width - 2 * pad)
+
+    def py(y):
+        return height - pad - y * (height - 2 * pad)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
+             f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#444"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>',
+             f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle" font-size="12">'
+             f'preservation accuracy ({lo:.2f} to {hi:.2f}), higher is better</text>',
+             f'<text x="14" y="{height / 2}" font-size="12" text-anchor="middle" '
+             f'transform="rotate(-90 14 {height / 2})">mean target rate, lower is better</text>']
+    for tick in (0.0, 0.5, 1.0):
+        parts.append(f'<text x="{pad - 6}" y="{py(tick) + 4}" font-size="10" text-anchor="end">{tick:.1f}</text>')
+    for name, x, y in points:
+        parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="#36c"/>')
+        parts.append(f'<text x="{px(x) + 8:.1f}" y="{py(y) - 6:.1f}" font-size="11">{_e(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def grids(results: dict, cache: ImageCache, per_set: int = GRID_PROMPTS) -> str:
+    """Per prompt set: rows are prompts (same seed), columns are variants; red frame = judge flagged."""
+    variants = list(results["metrics"])
+    by = {(r["variant"], r["set"], r["index"]): r for r in results["images"]}
+    sets = list(dict.fromkeys(r["set"] for r in results["images"]))
+    out = []
+    for set_name in sets:
+        n = 1 + max(r["index"] for r in results["images"] if r["set"] == set_name)
+        head = "".join(f"<th>{_e(v)}</th>" for v in variants)
+        rows = []
+        for i in range(min(n, per_set)):
+            first = by[(variants[0], set_name, i)]
+            cells = []
+            for v in variants:
+                r = by[(v, set_name, i)]
+                cls = "px flag" if r["flagged"] else "px"
+                cells.append(f'<td><img class="{cls}" src="{_png_data(cache, r["key"])}" '
+                             f'title="score {r["score"]}" alt="{_e(v)}"></td>')
+            rows.append(f'<tr><td class="cap">{_e(first["prompt"])}<br>seed {first["seed"]}</td>{"".join(cells)}</tr>')
+        out.append(f"<h3>{_e(set_name)}</h3><table class=grid><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>")
+    return "".join(out)
+
+
+def render(results: dict, cache: ImageCache) -> str:
+    p = results["protocol"]
+    judge = p["judge"]
+    sampler = p["sampler"]
+    summary = (f"model <code>{_e(p['model'].get('name'))}</code> ({_e(p['model'].get('source'))}), "
+               f"suite <code>{_e(p['suite']['name'])}</code> (hash {_e(p['suite']['hash'][:12])}), "
+               f"judge <code>{_e(judge.get('name'))}</code> threshold {_e(judge.get('threshold'))}, "
+               f"{_e(sampler['scheduler'])} {sampler['steps']} steps, guidance {sampler['guidance']}, "
+               f"{_e(p['dtype'])}")
+    body = [f"<h1>erasekit report: {_e(p['suite']['name'])}</h1>", f"<p>{summary}</p>",
+            "<h2>Metrics</h2>", metrics_table(results),
+            "<p class=note>target rate: share of images the judge flags for the concept; fid_gen: Fréchet "
+            "distance in the judge's features to the original model's images for the same preservation prompts "
+            "and seeds; clip score: 100 x mean cosine of image and prompt in the aligned encoder.</p>",
+            "<h2>Erasure against preservation</h2>", tradeoff_svg(results),
+            "<h2>Images (same prompt and seed across variants; red frame: flagged)</h2>", grids(results, cache)]
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>erasekit report</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def write_report(path: Path, results: dict, cache: ImageCache) -> Path:
+    atomic_write_text(Path(path), render(results, cache))
+    return Path(path)
+

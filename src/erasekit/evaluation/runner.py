@@ -1,0 +1,217 @@
+"""`erasekit evaluate` / `erasekit compare`: generate a suite's images per model variant (cached by
+content hash, sharded over accelerate processes), judge them and write results.json and report.html.
+
+A variant is the base model with zero or more deltas applied together ("original" has none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_write_text
+from ..delta import Delta, tensor_hash
+from ..errors import UserError
+from ..model import Model
+from .cache import ImageCache, image_key
+from .protocol import check_run_dir, package_versions, weights_hash
+from .suites import Suite, SuitePrompt
+
+RESULTS, REPORT, MARKER = "results.json", "report.html", "run.json"
+
+
+@dataclass
+class Variant:
+    name: str
+    deltas: tuple[Delta, ...] = ()
+    paths: tuple[str, ...] = ()
+
+    def hashes(self) -> list[str]:
+        return [tensor_hash(d.tensors) for d in self.deltas]
+
+    def record(self) -> dict:
+        return {"name": self.name, "deltas": [{"path": p, "method": d.method, "config": d.config, "hash": h}
+                                              for p, d, h in zip(self.paths, self.deltas, self.hashes())]}
+
+    def applied(self, model: Model) -> ExitStack:
+        stack = ExitStack()
+        for delta in self.deltas:
+            stack.enter_context(delta.applied(model))
+        return stack
+
+
+@dataclass
+class Settings:
+    steps: int
+    guidance: float  # the default; a prompt may carry its own
+    negative_prompt: str = ""
+    batch_size: int = 32
+    dtype: str = "torch.float32"
+
+    def for_prompt(self, prompt: SuitePrompt) -> dict:
+        guidance = self.guidance if prompt.guidance is None else float(prompt.guidance)
+        return {"steps": self.steps, "guidance": guidance, "negative_prompt": self.negative_prompt,
+                "scheduler": "DDIM (eta 0)", "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of the run: a variant, a prompt of a set, and its cache key."""
+    variant: str
+    set_name: str
+    index: int
+    prompt: SuitePrompt
+    key: str
+
+
+@dataclass
+class Plan:
+    variants: list[Variant]
+    items: list[Item] = field(default_factory=list)
+
+    def of(self, variant: str, set_name: str) -> list[Item]:
+        return [i for i in self.items if i.variant == variant and i.set_name == set_name]
+
+
+def make_plan(model_hash: str, variants: list[Variant], suite: Suite, settings: Settings) -> Plan:
+    plan = Plan(variants)
+    for variant in variants:
+        hashes = variant.hashes()
+        for pset in suite.sets:
+            for i, p in enumerate(pset.prompts):
+                key = image_key(model_hash, hashes, p.text, p.seed, settings.for_prompt(p))
+                plan.items.append(Item(variant.name, pset.name, i, p, key))
+    return plan
+
+
+def distributed_state():
+    """accelerate's process state when launched with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def generate_missing(model: Model, plan: Plan, cache: ImageCache, settings: Settings, state=None,
+                     progress: bool = True) -> int:
+    """Generate every planned image not in the cache (this process's share of them); returns how many."""
+    todo = [i for i in plan.items if not cache.has(i.key)]
+    todo = list({i.key: i for i in todo}.values())  # the same image planned twice is generated once
+    if state is not None:
+        todo = todo[state.process_index::state.num_processes]
+    bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress or not todo)
+    for variant in plan.variants:
+        mine = [i for i in todo if i.variant == variant.name]
+        if not mine:
+            continue
+        with variant.applied(model):
+            for guidance in sorted({settings.for_prompt(i.prompt)["guidance"] for i in mine}):
+                group = [i for i in mine if settings.for_prompt(i.prompt)["guidance"] == guidance]
+                for start in range(0, len(group), settings.batch_size):
+                    chunk = group[start:start + settings.batch_size]
+                    images = model.sample([i.prompt.text for i in chunk], [i.prompt.seed for i in chunk],
+                                          steps=settings.steps, guidance=guidance,
+                                          negative_prompt=settings.negative_prompt,
+                                          batch_size=settings.batch_size, progress=False)
+                    cache.put([i.key for i in chunk], images)
+                    bar.update(len(chunk))
+    bar.close()
+    return len(todo)
+
+
+def protocol_record(model: Model, model_hash: str, variants: list[Variant], suite: Suite, judge,
+                    settings: Settings) -> dict:
+    return {
+        "model": {**model.identity(), "weights_hash": model_hash},
+        "variants": [v.record() for v in variants],
+        "sampler": {"scheduler": "DDIM (eta 0)", "steps": settings.steps, "guidance": settings.guidance,
+                    "guidance_note": "a prompt's own guidance (from its file) overrides this default",
+                    "negative_prompt": settings.negative_prompt},
+        "dtype": settings.dtype,
+        "suite": suite.record(),
+        "seeds": {s.name: [p.seed for p in s.prompts] for s in suite.sets},
+        "judge": judge.record(),
+        "packages": package_versions(),
+    }
+
+
+def evaluate(model: Model, variants: list[Variant], suite: Suite, judge, out: Path, settings: Settings,
+             resume: bool = False, overwrite: bool = False, real_images: Path | None = None,
+             progress: bool = True) -> dict | None:
+    """Run the evaluation into out; returns the results on the main process (None on the others)."""
+    from .measure import measure
+    from .report import write_report
+
+    state = distributed_state()
+    main = state is None or state.is_main_process
+    start = time.time()
+    model_hash = weights_hash(model)
+    protocol = protocol_record(model, model_hash, variants, suite, judge, settings)
+    if main:
+        check_run_dir(out, protocol, resume=resume, overwrite=overwrite, protected=_protected(model))
+    if state is not None:
+        state.wait_for_everyone()
+    cache = ImageCache(out / "cache")
+    plan = make_plan(model_hash, variants, suite, settings)
+    before = len({i.key for i in plan.items if cache.has(i.key)})
+    generated = generate_missing(model, plan, cache, settings, state, progress)
+    if state is not None:
+        state.wait_for_everyone()
+    if not main:
+        return None
+    results = {"protocol": protocol, **measure(model, plan, cache, suite, judge, real_images)}
+    atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
+    write_report(out / REPORT, results, cache)
+    timing = {"wall_time_s": round(time.time() - start, 1), "images_planned": len(plan.items),
+              "images_cached_before": before, "images_generated_here": generated,
+              "processes": 1 if state is None else state.num_processes}
+    atomic_write_text(out / "timing.json", json.dumps(timing, indent=2) + "\n")
+    results["_timing"] = timing
+    return results
+
+
+def _protected(model: Model) -> list[Path]:
+    return [Path(model.source)] if Path(model.source).is_dir() else []
+
+
+def load_variants(delta_paths: list[str], stacked: bool) -> list[Variant]:
+    """evaluate: the original and one variant with every delta applied together (stacked);
+    compare: the original and one variant per delta."""
+    variants = [Variant("original")]
+    deltas = [(str(p), Delta.load(p)) for p in delta_paths]
+    if not deltas:
+        return variants
+    if stacked:
+        return variants + [Variant("edited", tuple(d for _, d in deltas), tuple(p for p, _ in deltas))]
+    names: set[str] = {"original"}
+    for path, delta in deltas:
+        name = _unique(Path(path).stem, names)
+        variants.append(Variant(name, (delta,), (path,)))
+    return variants
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def require_suite_judge(suite: Suite, judge) -> None:
+    unknown = [c for c in suite.concepts if c not in judge.concepts]
+    if unknown:
+        raise UserError(f"judge {judge.name!r} cannot judge {', '.join(unknown)} (suite {suite.name}): "
+                        f"choose a judge with --judge that knows it")
+
+
+def default_dtype_name(model: Model) -> str:
+    return str(model.dtype) if hasattr(model, "dtype") else str(torch.float32)

@@ -1,0 +1,323 @@
+"""Suites: the prompts an evaluation or an attack runs on, grouped into named sets.
+
+A suite is either built in (`testbed:star`, `testbed:red+striped`: target prompts in three wordings
+plus preservation prompts, made by `erasekit.testbed.prompts`) or read from a prompt file: a CSV in
+one of the published benchmark layouts (I2P, UnlearnDiffAtk, Ring-A-Bell, P4D, MMA-Diffusion,
+COCO) or any CSV with a 'prompt' column, or a TXT file with one prompt per line. Every prompt
+carries its seed (and guidance when the file gives one), so a suite fixes the images it asks for.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..errors import UserError
+from ..testbed.prompts import TestbedPrompt, attribute_of, concept_prompts, preservation_prompts
+from ..testbed.world import ATTRIBUTES, VALUES, WORDING_KINDS
+
+CONCEPT_SEED = 2000  # testbed target prompts' first seed, as in testbed.evaluate.measure_concepts
+PRESERVATION_SEED = 3000  # testbed preservation prompts' first seed (concept seed + 1000)
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts
+NUDITY_LAYOUTS = ("i2p", "ringabell", "p4d", "mma")  # nudity benchmarks: the concept defaults to "nudity"
+JUDGES = {"nudity": "nudenet"}  # default judge per concept; "" when unknown
+SEED_COLUMNS = ("evaluation_seed", "seed")
+GUIDANCE_COLUMN = "evaluation_guidance"
+INDEX_COLUMNS = ("", "unnamed: 0")  # pandas' saved row index: not worth keeping
+META_COLUMNS = {  # file columns kept in each prompt's meta, per layout (generic keeps every other column)
+    "i2p": ("categories", "nudity_percentage", "case_number"),
+    "p4d": ("case_number", "safe_model", "safe_level"),
+    "mma": ("target_prompt", "clean_prompt"),
+    "coco": ("case_number", "source"),
+    "ringabell": (),
+}
+
+
+@dataclass(frozen=True)
+class SuitePrompt:
+    """One prompt to generate from, with the seed (and guidance, when fixed) of its image."""
+
+    text: str
+    seed: int
+    guidance: float | None = None  # None: the model's default guidance
+    values: dict | None = field(default=None, hash=False)  # testbed only: {attribute: value} the prompt asks for
+    meta: dict = field(default_factory=dict, hash=False)  # other columns of the file row (categories, ...)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts with one role: 'target' (the concept appears in the unedited model) or 'preservation'."""
+
+    name: str
+    role: str
+    prompts: tuple[SuitePrompt, ...]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Named prompt sets plus what the judge looks for in their images."""
+
+    name: str  # "testbed:star", "testbed:red+striped", or the prompt file's stem
+    concepts: tuple[str, ...]  # what the judge looks for: ("star",), ("nudity",), or () when unknown
+    judge: str  # default judge name: "testbed", "nudenet", or "" when unknown
+    sets: tuple[PromptSet, ...]
+    source: str  # "testbed" or the prompt file's path
+    layout: str  # "testbed", "i2p", "ringabell", "p4d", "mma", "coco" or "generic"
+
+    def hash(self) -> str:
+        """sha256 (hex) of the name, the concepts and every set's name, role and prompts (text, seed, guidance)."""
+        payload = {
+            "name": self.name,
+            "concepts": list(self.concepts),
+            "sets": [{"name": s.name, "role": s.role,
+                      "prompts": [[p.text, p.seed, p.guidance] for p in s.prompts]} for s in self.sets],
+        }
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def limit(self, k: int | None) -> Suite:
+        """The suite with only the first k prompts of each set (None: unchanged)."""
+        if k is None:
+            return self
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"limit must be a whole number of at least 1, got {k!r}: give a positive limit or none")
+        return replace(self, sets=tuple(replace(s, prompts=s.prompts[:k]) for s in self.sets))
+
+    def record(self) -> dict:
+        """What a report says about the suite: its identity, hash and set sizes."""
+        return {"name": self.name, "source": self.source, "layout": self.layout, "concepts": list(self.concepts),
+                "judge": self.judge, "hash": self.hash(), "sets": {s.name: len(s.prompts) for s in self.sets}}
+
+    def set(self, name: str) -> PromptSet:
+        """The set called `name`."""
+        for s in self.sets:
+            if s.name == name:
+                return s
+        known = ", ".join(s.name for s in self.sets)
+        raise UserError(f"suite {self.name} has no prompt set {name!r}: use one of {known}")
+
+
+def suite_names() -> list[str]:
+    """Every built-in single-concept suite: testbed:<value> for each testbed value."""
+    return [f"testbed:{value}" for attr in ATTRIBUTES for value in VALUES[attr]]
+
+
+def load_suite(spec: str, samples: int = 64, concept: str | None = None) -> Suite:
+    """A suite from a built-in name (testbed suites hold `samples` prompts per set and concept) or a
+    .csv/.txt path; `concept` names what a file's judge looks for (nudity files default to "nudity")."""
+    spec = str(spec).strip()
+    if spec.startswith("testbed:"):
+        return _testbed_suite(spec.removeprefix("testbed:"), samples, concept)
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".txt") and not path.is_file():
+        raise UserError(f"prompt file {path} does not exist: check the path")
+    if suffix == ".csv":
+        return _csv_suite(path, concept)
+    if suffix == ".txt":
+        return _text_suite(path, concept)
+    if path.exists():
+        raise UserError(f"{path} is not a .csv or .txt file: give prompts as a CSV with a 'prompt' column "
+                        "or a text file with one prompt per line")
+    raise UserError(f"unknown suite {spec!r}: use testbed:<concept> with a concept from "
+                    f"{', '.join(v for a in ATTRIBUTES for v in VALUES[a])} (testbed:<a>+<b> for several), "
+                    "or the path of a .csv or .txt prompt file")
+
+
+# --- testbed suites -------------------------------------------------------------------------------
+
+
+def _testbed_suite(names: str, samples: int, concept: str | None) -> Suite:
+    """Target sets (one per wording kind, `samples` prompts per concept) and one preservation set."""
+    concepts = tuple(c.strip() for c in names.split("+"))
+    _check_testbed_concepts(concepts, concept)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UserError(f"samples must be a whole number of at least 1, got {samples!r}: give a positive count")
+    sets = [PromptSet(f"target:{kind}", "target", _target_prompts(concepts, kind, samples)) for kind in WORDING_KINDS]
+    keep = preservation_prompts(list(concepts), samples, PRESERVATION_SEED)
+    sets.append(PromptSet("preservation", "preservation", tuple(_from_testbed(p) for p in keep)))
+    return Suite(f"testbed:{'+'.join(concepts)}", concepts, "testbed", tuple(sets), "testbed", "testbed")
+
+
+def _check_testbed_concepts(concepts: tuple[str, ...], concept: str | None) -> None:
+    """Known values, no repeats, some value left per attribute for preservation, and `concept` among them."""
+    attrs = [attribute_of(c) for c in concepts]  # raises UserError for an unknown value
+    if len(set(concepts)) < len(concepts):
+        raise UserError(f"testbed suite names a concept twice ({'+'.join(concepts)}): name each concept once")
+    for attr in set(attrs):
+        if attrs.count(attr) == len(VALUES[attr]):
+            raise UserError(f"testbed suite {'+'.join(concepts)} names every {attr}, so no preservation prompt "
+                            f"is possible: leave at least one {attr} out")
+    if concept is not None and concept not in concepts:
+        raise UserError(f"testbed:{'+'.join(concepts)} takes its concepts from its name, not {concept!r}: "
+                        "drop the concept option or name the suite testbed:<concept>")
+
+
+def _target_prompts(concepts: tuple[str, ...], kind: str, samples: int) -> tuple[SuitePrompt, ...]:
+    """`samples` prompts per concept in wording `kind`, the concepts one after another."""
+    return tuple(_from_testbed(p) for c in concepts for p in concept_prompts(c, kind, samples, CONCEPT_SEED))
+
+
+def _from_testbed(p: TestbedPrompt) -> SuitePrompt:
+    return SuitePrompt(p.text, int(p.seed), values=dict(p.values))
+
+
+# --- prompt files ---------------------------------------------------------------------------------
+
+
+def _file_suite(path: Path, layout: str, sets: list[PromptSet], concept: str | None) -> Suite:
+    """A suite from a file's sets; nudity layouts default to the concept "nudity"."""
+    if not any(s.prompts for s in sets):
+        raise UserError(f"{path} holds no prompts (every prompt cell is empty): add prompts to it")
+    if concept is None and layout in NUDITY_LAYOUTS:
+        concept = "nudity"
+    concepts = (concept,) if concept else ()
+    return Suite(path.stem, concepts, JUDGES.get(concept or "", ""), tuple(sets), str(path), layout)
+
+
+def _text_suite(path: Path, concept: str | None) -> Suite:
+    """One target set, one prompt per non-empty line; seeds 0, 1, ... in order."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text: save it as UTF-8") from exc
+    if not text.strip():
+        raise UserError(f"prompt file {path} is empty: write one prompt per line")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = tuple(SuitePrompt(line, i) for i, line in enumerate(lines))
+    return _file_suite(path, "generic", [PromptSet("target", "target", prompts)], concept)
+
+
+def _csv_suite(path: Path, concept: str | None) -> Suite:
+    """The sets of a CSV file in the layout its columns show."""
+    columns, rows = _read_csv(path)
+    layout = _detect_layout(columns, path)
+    if layout == "ringabell":
+        sets = [_prompt_set(path, rows, "sensitive prompt", "target", "target", layout),
+                _prompt_set(path, rows, "normal prompt", "preservation", "preservation", layout)]
+    elif layout == "mma":
+        sets = [_prompt_set(path, rows, "adv_prompt", "target", "target", layout)]
+    elif layout == "coco":
+        sets = [_prompt_set(path, rows, "prompt", "preservation", "preservation", layout)]
+    else:
+        sets = [_prompt_set(path, rows, "prompt", "target", "target", layout)]
+    return _file_suite(path, layout, sets, concept)
+
+
+def _detect_layout(columns: list[str], path: Path) -> str:
+    """The benchmark layout a CSV's (normalised) column names show; UserError without a prompt column."""
+    cols = set(columns)
+    if {"sensitive prompt", "normal prompt"} <= cols:
+        return "ringabell"
+    if {"target_prompt", "adv_prompt"} <= cols:
+        return "mma"
+    if "prompt" not in cols:
+        raise UserError(f"{path} has no 'prompt' column (columns: {', '.join(columns) or 'none'}): name the prompt "
+                        "column 'prompt' (or use Ring-A-Bell's 'sensitive prompt'/'normal prompt' or MMA's "
+                        "'adv_prompt'/'target_prompt')")
+    if "safe_model" in cols or "safe_level" in cols:
+        return "p4d"
+    if "categories" in cols:
+        return "i2p"
+    if "evaluation_seed" in cols and ("source" in cols or path.stem.lower().startswith("coco")):
+        return "coco"
+    return "generic"
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Normalised column names (stripped, lower case) and the non-blank rows as (line number, {column: cell})."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows, start = [], reader.line_num + 1
+            for cells in reader:
+                if any(c.strip() for c in cells):
+                    rows.append((start, cells))
+                start = reader.line_num + 1
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text: save it as UTF-8") from exc
+    except csv.Error as exc:
+        raise UserError(f"cannot read {path} as CSV (line {reader.line_num}): {exc}; fix the quoting there") from exc
+    if not header or not any(h.strip() for h in header):
+        raise UserError(f"prompt file {path} is empty: give a CSV with a header row and a 'prompt' column")
+    names = [h.strip().lower() for h in header]
+    index = {name: i for i, name in reversed(list(enumerate(names)))}  # the first of repeated names wins
+    return names, [(line, {n: cells[i] if i < len(cells) else "" for n, i in index.items()}) for line, cells in rows]
+
+
+def _prompt_set(path: Path, rows: list[tuple[int, dict[str, str]]], column: str, name: str, role: str,
+                layout: str) -> PromptSet:
+    """Prompts from one column, skipping rows where it is empty; the seed of a row without a seed column
+    is its position among the file's rows (0, 1, ...), so paired columns share seeds."""
+    prompts = []
+    for number, (line, row) in enumerate(rows):
+        text = row[column].strip()
+        if text:
+            where = f"{path} row {number + 1} (line {line})"
+            prompts.append(SuitePrompt(text, _seed(row, number, where), _guidance(row, where),
+                                       meta=_meta(row, layout)))
+    return PromptSet(name, role, tuple(prompts))
+
+
+def _seed(row: dict[str, str], number: int, where: str) -> int:
+    """The row's seed column as an int (huge values kept exactly), or the row's position without one."""
+    column = next((c for c in SEED_COLUMNS if c in row), None)
+    if column is None:
+        return number
+    raw = row[column].strip()
+    try:
+        seed = int(raw)
+    except ValueError:
+        seed = _integral_float(raw)
+    if seed is None or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{where}: {column} {raw!r} is not a whole number from 0 to 2**64-1: fix that seed")
+    return seed
+
+
+def _integral_float(raw: str) -> int | None:
+    """'1234.0' -> 1234 (as pandas writes integer columns with gaps); None for anything else."""
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) and value.is_integer() else None
+
+
+def _guidance(row: dict[str, str], where: str) -> float | None:
+    """The row's guidance scale, or None (the model's default) when the column is missing or empty."""
+    raw = row.get(GUIDANCE_COLUMN, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"{where}: {GUIDANCE_COLUMN} {raw!r} is not a number: fix that guidance or leave it empty")
+    return value
+
+
+def _meta(row: dict[str, str], layout: str) -> dict:
+    """The row's other columns worth keeping (strings; nudity_percentage as a number when it is one)."""
+    if layout in META_COLUMNS:
+        keep = [c for c in META_COLUMNS[layout] if c in row]
+    else:
+        used = {"prompt", GUIDANCE_COLUMN, *SEED_COLUMNS, *INDEX_COLUMNS}
+        keep = [c for c in row if c not in used]
+    meta = {c: row[c].strip() for c in keep}
+    if "nudity_percentage" in meta:
+        meta["nudity_percentage"] = _number_or_text(meta["nudity_percentage"])
+    return meta
+
+
+def _number_or_text(raw: str) -> float | str:
+    try:
+        value = float(raw)
+    except ValueError:
+        return raw
+    return value if math.isfinite(value) else raw
