@@ -20,6 +20,7 @@ DEMO_PROMPTS = [
     ("a solid purple cross on a white background", "a opaque lilac crucifix on a snowy backdrop"),
 ]
 SEEDS = (0, 1)
+ATTACK_PROMPTS = 8
 
 
 def _check_out(out: Path) -> bool:
@@ -59,30 +60,36 @@ def run_demo(out: str | Path = "erasekit-demo", samples: int = 48, concept: str 
         table[kind] = accuracy(judge_verdicts(judge, generate(model, prompts)), prompts)
         print(f"  {kind:<10} " + "  ".join(f"{a} {table[kind][a]:.2f}" for a in ATTRIBUTES))
 
-    erasure, before_after = erase_step(model, judge, concept, method, samples)
+    delta, before_after = erase_step(model, judge, concept, method, samples)
+    delta_name = f"{concept}-{method}.safetensors"
 
     with atomic_dir(out, overwrite=replace) as tmp:
+        delta.save(tmp / delta_name)
+        evaluation = evaluate_step(model, delta, tmp / delta_name, concept, samples, tmp / "evaluation")
+        attack = attack_step(model, delta, tmp / delta_name, concept, ATTACK_PROMPTS, tmp / "attack")
         make_grid(to_pil(images), columns=len(SEEDS) * 2, labels=labels, cell=128, label_lines=5).save(
             tmp / "grid.png")
         before_after.save(tmp / "erasure.png")
-        erasure["delta"].save(tmp / f"{concept}-{method}.safetensors")
         record = {"model": model.identity(), "sampler": model.sampler_defaults, "images": labels,
-                  "accuracy": table, "samples": samples,
-                  "erasure": {k: v for k, v in erasure.items() if k != "delta"},
+                  "accuracy": table, "samples": samples, "concept": concept, "method": method,
+                  "erasure": evaluation["metrics"],
+                  "attack": {k: attack[k] for k in ("attack", "n", "pre_asr", "asr")},
                   "wall_time_s": round(time.time() - start, 1)}
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {out / 'grid.png'} (each row: one scene; left two in canonical words, right two held-out),")
-    print(f"      {out / 'erasure.png'} (left: original, right: after erasing {concept!r}; same prompts and seeds)")
-    print(f"      and the delta {out / f'{concept}-{method}.safetensors'}, in {time.time() - start:.0f} s")
+    print(f"      {out / 'erasure.png'} (left: original, right: after erasing {concept!r}; same prompts and seeds),")
+    print(f"      {out / 'evaluation' / 'report.html'} (the erasure report: tables, trade-off plot, image grids),")
+    print(f"      {out / 'attack' / 'report.html'} (the attack: adversarial prompts and images)")
+    print(f"      and the delta {out / delta_name}, in {time.time() - start:.0f} s")
     return out
 
 
 def erase_step(model, judge, concept: str, method_name: str, samples: int):
-    """Erase one testbed concept with a closed-form method; before/after grid and rates."""
+    """Erase one testbed concept with a closed-form method; before/after grid of a few prompts."""
     from . import methods
     from .concepts import Concept, ConceptSpec
     from .grid import make_grid, to_pil
-    from .testbed.evaluate import generate, measure_concepts, public
+    from .testbed.evaluate import generate
     from .testbed.prompts import attribute_of, concept_prompts
     from .testbed.world import VALUES, wordings
 
@@ -93,14 +100,7 @@ def erase_step(model, judge, concept: str, method_name: str, samples: int):
     t0 = time.time()
     delta = method.erase(model, spec, method.config())
     print(f"\nerasing {concept!r} with {method_name} (closed form, {len(delta.tensors)} tensors) took "
-          f"{time.time() - t0:.2f} s; measuring on {samples} prompts per wording kind:")
-    before = measure_concepts(model, judge, [concept], samples)
-    with delta.applied(model):
-        after = measure_concepts(model, judge, [concept], samples)
-    for name, m in (("before", before), ("after", after)):
-        rates = "  ".join(f"{k} {v:.2f}" for k, v in m["target_rate"].items())
-        print(f"  {name:<6} {concept!r} present: {rates}   |  accuracy on prompts without it: "
-              f"{m['preservation_accuracy']:.2f}")
+          f"{time.time() - t0:.2f} s")
     shown = concept_prompts(concept, "canonical", 4, seed=90) + concept_prompts(concept, "heldout", 2, seed=95)
     orig = generate(model, shown)
     with delta.applied(model):
@@ -110,5 +110,45 @@ def erase_step(model, judge, concept: str, method_name: str, samples: int):
         pils += [a, b]
         labels += [f"original: {p.text}", f"erased: {p.text}"]
     grid = make_grid(pils, columns=4, labels=labels, cell=128, label_lines=5)
-    return {"concept": concept, "method": method_name, "before": public(before), "after": public(after),
-            "delta": delta}, grid
+    return delta, grid
+
+
+def evaluate_step(model, delta, delta_path: Path, concept: str, samples: int, out: Path) -> dict:
+    """The erased model next to the original on the concept's suite: results.json and report.html."""
+    from .evaluation.judges import get_judge
+    from .evaluation.runner import Settings, Variant, evaluate
+    from .evaluation.suites import load_suite
+
+    suite = load_suite(f"testbed:{concept}", samples=samples)
+    settings = Settings(steps=model.sampler_defaults["steps"], guidance=model.sampler_defaults["guidance"],
+                        batch_size=64, dtype=str(model.dtype))
+    variants = [Variant("original"), Variant(f"{delta.method}", (delta,), (delta_path.name,))]
+    print(f"measuring on {samples} prompts per set (target: canonical, synonym, held-out wording; preservation):")
+    results = evaluate(model, variants, suite, get_judge("testbed"), out, settings, progress=False)
+    for name, m in results["metrics"].items():
+        rates = "  ".join(f"{k.split(':')[-1]} {v:.2f}" for k, v in m["target_rate"].items())
+        print(f"  {name:<9} {concept!r} present: {rates}   |  accuracy on prompts without it: "
+              f"{m['preservation_accuracy']:.2f}")
+    return results
+
+
+def attack_step(model, delta, delta_path: Path, concept: str, prompts: int, out: Path) -> dict:
+    """UnlearnDiffAtk against the erased model on canonical prompts it no longer shows the concept for."""
+    from . import attacks
+    from .attacks.runner import make_context, run_attack
+    from .evaluation.judges import get_judge
+    from .evaluation.runner import Settings, Variant
+    from .evaluation.suites import load_suite
+
+    attack = attacks.get("unlearndiff")
+    cfg = attacks.build_config(attack, {}, testbed=True)
+    suite = load_suite(f"testbed:{concept}", samples=prompts)
+    settings = Settings(steps=model.sampler_defaults["steps"], guidance=model.sampler_defaults["guidance"],
+                        batch_size=64, dtype=str(model.dtype))
+    ctx = make_context(model, Variant(delta.method, (delta,), (delta_path.name,)), get_judge("testbed"),
+                       suite.concepts, settings)
+    results = run_attack(ctx, attack, cfg, suite, "target:canonical", out, progress=False)
+    print(f"\nattacking the erased model with UnlearnDiffAtk on {results['n']} canonical prompts: "
+          f"pre-ASR {results['pre_asr']:.2f} -> ASR {results['asr']:.2f} "
+          f"({results['_timing']['seconds_per_attacked_prompt'] or 0:.1f} s per attacked prompt)")
+    return results

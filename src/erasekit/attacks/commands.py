@@ -48,7 +48,7 @@ def cmd_attack(args) -> None:
 
     attack = get(args.attack)
     model, variants, suite, judge, settings = build_run(args)
-    cfg = build_config(attack, parse_options(args.option), testbed=model.name == "testbed")
+    cfg = build_config(attack, parse_options(args.option), testbed=model.name == "testbed", source="--option")
     ctx = make_context(model, variants[-1], judge, suite.concepts, settings)
     out = Path(args.out)
     results = run_attack(ctx, attack, cfg, suite, args.prompt_set, out, resume=args.resume, overwrite=args.overwrite)

@@ -83,7 +83,7 @@ def attack(ctx: AttackContext, prompt, cfg: P4DConfig, gen: torch.Generator) -> 
             embeds = slot_embeddings(model, sp, through[None])
             emb = encode_ids(model, sp.with_tokens(vocab[hard]), sp.mask[None], embeds)
             loss = torch.nn.functional.mse_loss(model.raw(x_t, t, emb).float(), target)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             opt.zero_grad()
             loss.backward()
             opt.step()

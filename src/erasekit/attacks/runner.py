@@ -77,6 +77,7 @@ def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out
                 "dtype": settings.dtype, "judge": ctx.judge.record(), "concepts": list(ctx.concepts),
                 "packages": package_versions()}
     protected = [Path(model.source)] if Path(model.source).is_dir() else []
+    prepared = attack.prepare(ctx, suite, cfg) if attack.prepare else None  # its errors before any folder
     check_run_dir(out, protocol, resume=resume, overwrite=overwrite, protected=protected)
     cache = ImageCache(out / "cache")
     prompts = list(pset.prompts)
@@ -88,7 +89,6 @@ def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out
     original_keys, before_keys = keys("original"), keys("erased")
     flagged_original = ctx.flags(_generate(ctx, cache, prompts, original_keys, False), prompts)
     flagged_before = ctx.flags(_generate(ctx, cache, prompts, before_keys, True), prompts)
-    prepared = attack.prepare(ctx, suite, cfg) if attack.prepare else None
     done = _read_progress(out / PROGRESS)
     bar = tqdm(total=len(prompts), initial=len(done), desc=attack.name, unit="prompt", disable=not progress)
     for i, p in enumerate(prompts):

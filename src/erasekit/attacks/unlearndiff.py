@@ -63,7 +63,7 @@ def attack(ctx: AttackContext, prompt, cfg: UnlearnDiffConfig, gen: torch.Genera
             opt.step()
             with torch.no_grad():
                 z.copy_(project_simplex(z))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     tokens = vocab[z.detach().argmax(dim=1)].cpu()
     ids = sp.with_tokens(tokens)[0]
     return Found(ids_to_text(model, ids), ids=ids.tolist(), loss=losses[-1],

@@ -97,7 +97,10 @@ def distributed_state():
         return None
     from accelerate import PartialState
 
-    return PartialState()
+    # without cpu=True, accelerate on a machine with no GPU sets up no process group (each process then
+    # believes it is alone and generates everything); `accelerate launch --cpu` sets ACCELERATE_USE_CPU
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
 
 
 def generate_missing(model: Model, plan: Plan, cache: ImageCache, settings: Settings, state=None,
@@ -106,6 +109,7 @@ def generate_missing(model: Model, plan: Plan, cache: ImageCache, settings: Sett
     todo = [i for i in plan.items if not cache.has(i.key)]
     todo = list({i.key: i for i in todo}.values())  # the same image planned twice is generated once
     if state is not None:
+        state.wait_for_everyone()  # every process lists what is missing before any of them writes to the cache
         todo = todo[state.process_index::state.num_processes]
     bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress or not todo)
     for variant in plan.variants:

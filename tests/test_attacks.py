@@ -1,0 +1,362 @@
+"""Attacks on an erased testbed model: the simplex projection, token substitution, each attack through the
+command line, replaying what it found, Ring-A-Bell's elitism, resuming a killed attack, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import erasekit
+from erasekit import Delta
+from erasekit.attacks import names, ringabell, unlearndiff
+from erasekit.attacks.common import AttackContext, frozen
+from erasekit.attacks.runner import PROGRESS
+from erasekit.attacks.tokens import (
+    attack_vocabulary,
+    content_ids,
+    embedding_table,
+    encode_ids,
+    ids_to_text,
+    slot_embeddings,
+    slot_prompt,
+)
+from erasekit.attacks.unlearndiff import project_simplex
+from erasekit.cli import main
+from erasekit.evaluation.cache import quantize
+from erasekit.evaluation.judges import get_judge
+from erasekit.evaluation.runner import Settings, Variant
+
+STEPS = 4
+SMALL = ["--suite", "testbed:red", "--limit", "3", "--steps", str(STEPS), "--samples", "4"]
+OPTIONS = {
+    "unlearndiff": ["iterations=3"],
+    "p4d-n": ["iterations=3"],
+    "p4d-k": ["iterations=3"],
+    "ringabell": ["population=8", "generations=2", "tokens=4"],
+    "ringabell-continuous": ["population=8", "generations=2", "tokens=4"],
+}
+HARD = ("unlearndiff", "p4d-n", "p4d-k", "ringabell")  # attacks whose answer is a text prompt
+RECORD_KEYS = {"original_prompt", "adversarial_prompt", "seed", "flagged_before", "flagged_after"}
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("erasekit: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def attack_argv(delta: Path, name: str, out: Path, *extra) -> list[str]:
+    options = [a for o in OPTIONS.get(name, []) for a in ("--option", o)]
+    return ["attack", "--delta", str(delta), "--attack", name, *SMALL, "--out", str(out), *options, *extra]
+
+
+def read(folder: Path, name: str = "results.json") -> dict:
+    return json.loads((folder / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return erasekit.load("testbed", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def delta(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("delta") / "red.safetensors"
+    assert main(["erase", "--method", "uce", "--concept", "red", "--out", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def attack_run(delta, tmp_path_factory):
+    """The output folder of one attack run through the command line, made once per module."""
+    runs: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            out = tmp_path_factory.mktemp(name) / "run"
+            assert main(attack_argv(delta, name, out)) == 0
+            runs[name] = out
+        return runs[name]
+
+    return get
+
+
+# --- the simplex projection -----------------------------------------------------------------------
+
+
+def test_project_simplex_gives_the_nearest_point_of_the_simplex():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 7, generator=gen) * 2
+    p = project_simplex(z)
+    assert (p >= 0).all() and torch.allclose(p.sum(dim=1), torch.ones(16), atol=1e-6)
+    others = torch.distributions.Dirichlet(torch.ones(7)).sample((200,))  # random points of the simplex
+    for row, proj in zip(z, p):
+        nearest_random = (others - row).norm(dim=1).min()
+        assert (proj - row).norm() <= nearest_random + 1e-6
+
+
+def test_project_simplex_keeps_points_already_on_it():
+    inside = torch.distributions.Dirichlet(torch.ones(5)).sample((10,))
+    corners = torch.eye(5)
+    for points in (inside, corners):
+        assert torch.allclose(project_simplex(points), points, atol=1e-6)
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+
+def test_encode_ids_with_the_tables_own_embeddings_matches_encode(model):
+    text = "a striped red star on a white background"
+    ids, mask, _ = model.tokenize([text])
+    table = embedding_table(model)
+    with frozen(model):
+        embeds = table(ids).detach().clone().requires_grad_()
+        states = encode_ids(model, ids, mask, embeds)
+        expected = model.encode([text]).embeddings
+        assert torch.allclose(states, expected, atol=1e-5)
+        states.pow(2).sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0  # gradients reach the substitutes
+    assert not table._forward_hooks  # the hook is gone afterwards
+    assert torch.allclose(encode_ids(model, ids, mask), expected, atol=1e-5)
+
+
+def test_slot_embeddings_of_hard_tokens_equal_the_tokens_in_place(model):
+    sp = slot_prompt(model, [None, *content_ids(model, "a red star"), None])
+    tokens = torch.tensor([model.tokenizer.convert_tokens_to_ids(w) for w in ("bright", "today")])
+    table = embedding_table(model).weight
+    with torch.no_grad():
+        soft = encode_ids(model, sp.ids[None], sp.mask[None], slot_embeddings(model, sp, table[tokens][None]))
+        hard = encode_ids(model, sp.with_tokens(tokens), sp.mask[None])
+    assert torch.allclose(soft, hard, atol=1e-5)
+
+
+def test_attack_vocabulary_is_whole_alphabetic_words(model):
+    tok = model.tokenizer
+    vocab = attack_vocabulary(model).tolist()
+    words = tok.convert_ids_to_tokens(vocab)
+    assert len(vocab) > 1000 and vocab == sorted(set(vocab))
+    assert not set(vocab) & set(tok.all_special_ids)
+    assert all(w.isascii() and w.isalpha() and not w.startswith("##") for w in words)
+    for left_out in ("##s", "##ing", "[unused0]", "[MASK]", "1999", ".", "a"):
+        idx = tok.convert_tokens_to_ids(left_out)
+        assert idx != tok.unk_token_id and idx not in vocab, left_out
+    assert {"red", "star", "background"} <= set(words)
+
+
+def test_vocabulary_words_decode_and_tokenize_back(model):
+    tok = model.tokenizer
+    vocab = attack_vocabulary(model)
+    picked = vocab[torch.randperm(len(vocab), generator=torch.Generator().manual_seed(0))[:50]].tolist()
+    same = sum(content_ids(model, tok.decode([i])) == [i] for i in picked)
+    assert same >= 49
+    assert content_ids(model, tok.decode(picked)) == picked  # also as one prompt
+
+
+def test_slot_prompt_puts_tokens_at_the_slots(model):
+    tok = model.tokenizer
+    content = content_ids(model, "a red star")
+    sp = slot_prompt(model, [None, content[0], None, *content[1:], None])
+    assert sp.ids.shape == (model.max_length,) and sp.slots.tolist() == [1, 3, 6]
+    assert sp.ids[0] == tok.cls_token_id and sp.ids[7] == model.end_token_id
+    assert (sp.ids[8:] == tok.pad_token_id).all()
+    assert sp.mask.tolist() == [1] * 8 + [0] * (model.max_length - 8)
+    words = torch.tensor(tok.convert_tokens_to_ids(["bright", "small", "today"]))
+    filled = sp.with_tokens(words)
+    assert filled.shape == (1, model.max_length)
+    assert filled[0, sp.slots].tolist() == words.tolist()
+    keep = torch.ones(model.max_length, dtype=torch.bool)
+    keep[sp.slots] = False
+    assert (filled[0, keep] == sp.ids[keep]).all()
+    assert ids_to_text(model, filled[0]) == "bright a small red star today"
+    batch = sp.with_tokens(torch.stack([words, words.flip(0)]))
+    assert batch.shape == (2, model.max_length) and batch[1, sp.slots].tolist() == words.flip(0).tolist()
+
+    long = slot_prompt(model, [None] * (model.max_length + 5))  # cut to fit, begin and end kept
+    assert long.ids[0] == tok.cls_token_id and long.ids[-1] == model.end_token_id
+    assert len(long.slots) == model.max_length - 2 and long.mask.all()
+
+
+# --- each attack through the command line ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_attack_writes_results_and_report(attack_run, name):
+    out = attack_run(name)
+    results = read(out)
+    assert results["attack"] == name and results["n"] == 3
+    assert 0.0 <= results["pre_asr"] <= results["asr"] <= 1.0
+    prompts = results["prompts"]
+    assert len(prompts) == 3 and all(RECORD_KEYS <= set(p) for p in prompts)
+    assert results["pre_asr"] == round(sum(p["flagged_before"] for p in prompts) / 3, 4)
+    assert results["asr"] == round(sum(p["flagged_before"] or p["flagged_after"] for p in prompts) / 3, 4)
+    assert [p["seed"] for p in prompts] == [2000, 2001, 2002]
+    for p in prompts:
+        if p["flagged_before"]:
+            assert not p["attacked"] and p["reason"] == "flagged without attack" and p["flagged_after"]
+            assert p["adversarial_prompt"] == p["original_prompt"]
+        elif p["attacked"]:
+            assert p["adversarial_prompt"] != p["original_prompt"]
+            if name == "unlearndiff":  # prefix tokens before the prompt
+                assert p["adversarial_prompt"].endswith(p["original_prompt"])
+            if name == "ringabell-continuous":
+                assert (out / p["embedding_file"]).is_file() and p["adversarial_prompt"].startswith("[embedding]")
+    assert results["attacked"] == sum(p["attacked"] for p in prompts) >= 1
+    config = results["protocol"]["config"]
+    if name.startswith("p4d"):
+        assert config["variant"] == name[-1] and config["iterations"] == 3
+    if name.startswith("ringabell"):
+        assert (config["population"], config["generations"], config["tokens"]) == (8, 2, 4)
+    html = (out / "report.html").read_text()
+    assert html.count("<tr><td class=cap>") == 3 and "<img " in html
+    assert read(out, "timing.json")["attacked_prompts"] == results["attacked"]
+
+
+def test_p4d_skips_prompts_that_are_not_ideal(delta, tmp_path, capsys):
+    """Held-out wordings: the original model does not show red for them, so there is nothing to recover."""
+    out = tmp_path / "p4d"
+    code, _, _ = run(capsys, *attack_argv(delta, "p4d-n", out, "--set", "target:heldout"))
+    assert code == 0
+    results = read(out)
+    skipped = [p for p in results["prompts"] if not p["flagged_original"] and not p["flagged_before"]]
+    assert skipped and results["ideal_prompts"] == 0 and results["asr_on_ideal"] is None
+    for p in skipped:
+        assert not p["attacked"] and p["reason"].startswith("not ideal") and not p["flagged_after"]
+    assert results["attacked"] == 0
+
+
+def test_hard_prompts_replay_to_the_recorded_verdict(attack_run, delta, model):
+    judge = get_judge("testbed")
+    erased = Delta.load(delta)
+    checked = 0
+    for name in HARD:
+        for p in read(attack_run(name))["prompts"]:
+            if not p["attacked"]:
+                continue
+            ids, _, _ = model.tokenize([p["adversarial_prompt"]])
+            assert ids[0].tolist() == p["adversarial_ids"]  # the text is the prompt that was found
+            with erased.applied(model):
+                image = quantize(model.sample([p["adversarial_prompt"]], [p["seed"]], steps=STEPS, progress=False))
+            flagged = bool(judge.scores(image)["red"][0] > judge.threshold)
+            assert flagged == p["flagged_after"], (name, p["adversarial_prompt"])
+            checked += 1
+    assert checked >= len(HARD)
+
+
+def test_continuous_embedding_replays_to_the_recorded_verdict(attack_run, delta, model):
+    out = attack_run("ringabell-continuous")
+    ctx = AttackContext(model, Variant("erased", (Delta.load(delta),)), get_judge("testbed"), ("red",),
+                        Settings(steps=STEPS, guidance=model.sampler_defaults["guidance"]))
+    attacked = [p for p in read(out)["prompts"] if p["attacked"]]
+    assert attacked
+    for p in attacked:
+        embedding = load_file(str(out / p["embedding_file"]))["embedding"]
+        with ctx.erased_model():
+            image = ctx.generate([p["adversarial_prompt"]], [p["seed"]], embeddings=embedding)
+        assert bool(ctx.judge.scores(image)["red"][0] > ctx.judge.threshold) == p["flagged_after"]
+
+
+# --- Ring-A-Bell's genetic search -----------------------------------------------------------------
+
+
+def test_genetic_search_never_gets_worse(model):
+    ctx = AttackContext(model, Variant("original"), None, ("red",),
+                        Settings(steps=STEPS, guidance=model.sampler_defaults["guidance"]))
+    target = model.encode(["a solid red star"]).embeddings[0].float()
+    best = []
+    for generations in (0, 1, 2, 4, 8):
+        cfg = ringabell.RingABellConfig(tokens=4, population=8, generations=generations)
+        ids, dist = ringabell.genetic_search(ctx, target, cfg, torch.Generator().manual_seed(3))
+        sp = slot_prompt(model, [None] * 4)
+        with torch.no_grad():
+            again = (encode_ids(model, ids[None], sp.mask[None]).float() - target).pow(2).mean()
+        assert abs(float(again) - dist) < 1e-5  # the distance is that of the tokens returned
+        best.append(dist)
+    assert all(later <= earlier + 1e-7 for earlier, later in zip(best, best[1:])), best  # elitism
+    assert best[-1] <= best[0]
+
+
+# --- resuming -------------------------------------------------------------------------------------
+
+
+def test_a_killed_attack_resumes_to_the_same_results(delta, tmp_path, monkeypatch, capsys):
+    argv = attack_argv(delta, "unlearndiff", tmp_path / "killed", "--set", "target:heldout")
+    real = unlearndiff.attack
+    calls = []
+
+    def die_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unlearndiff, "attack", die_on_second)
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        code = 130
+    assert code == 130 and len(calls) == 2
+    progress = (tmp_path / "killed" / PROGRESS).read_text().splitlines()
+    assert len(progress) == 1 and json.loads(progress[0])["index"] == 0
+    assert not (tmp_path / "killed" / "results.json").exists()
+
+    calls.clear()
+
+    def count(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unlearndiff, "attack", count)
+    code, _, _ = run(capsys, *argv)
+    assert code == 0 and len(calls) == 2  # only the prompts not yet attacked
+    monkeypatch.undo()
+
+    whole = tmp_path / "whole"
+    code, _, _ = run(capsys, *attack_argv(delta, "unlearndiff", whole, "--set", "target:heldout"))
+    assert code == 0
+    assert read(whole)["attacked"] == 3
+    assert (tmp_path / "killed" / "results.json").read_bytes() == (whole / "results.json").read_bytes()
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def test_unknown_attack_lists_the_attacks(delta, tmp_path, capsys):
+    code, _, err = run(capsys, *attack_argv(delta, "magic", tmp_path / "o"))
+    line = one_line_error(err)
+    assert code == 2 and "unknown attack 'magic'" in line and all(n in line for n in names())
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("p4d-k", ["variant=n"], "p4d-k fixes ['variant']"),
+    ("unlearndiff", ["steps_per_token=3"], "--option has unknown keys ['steps_per_token']"),
+    ("unlearndiff", ["iterations"], "--option 'iterations' is not KEY=VALUE"),
+    ("unlearndiff", ["iterations=many"], "cannot read 'many'"),
+])
+def test_bad_options_are_refused(delta, tmp_path, capsys, name, options, message):
+    extra = [a for o in options for a in ("--option", o)]
+    code, _, err = run(capsys, "attack", "--delta", delta, "--attack", name, *SMALL, "--out", tmp_path / "o", *extra)
+    assert code == 2 and message in one_line_error(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_ringabell_needs_paired_prompts(delta, tmp_path, capsys):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt\na red star\na red square\n")
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "attack", "--delta", delta, "--attack", "ringabell", "--suite", csv, "--judge",
+                       "testbed", "--concept", "red", "--steps", STEPS, "--out", out, *[
+                           a for o in OPTIONS["ringabell"] for a in ("--option", o)])
+    line = one_line_error(err)
+    assert code == 2 and "ringabell needs prompts with and without the concept" in line and "prompts" in line
+    assert not out.exists()  # refused before any work
