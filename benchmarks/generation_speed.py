@@ -1,4 +1,5 @@
-"""Testbed generation speed: erasekit's Model.sample against a stock StableDiffusionPipeline call
+"""Testbed generation speed: erasekit's Model.sample and `erasekit evaluate`'s generation (the same
+sampling plus the content-hash image cache: key, PNG write) against a stock StableDiffusionPipeline call
 (same model, batch, steps, guidance, initial latents) in the same run, and the 64-images target.
 
 Usage: python benchmarks/generation_speed.py [--images 64] [--steps 20] [--repeats 3] [--out FILE]
@@ -53,8 +54,23 @@ def main() -> None:
         return pipe(texts, latents=model.initial_noise(seeds), num_inference_steps=args.steps,
                     guidance_scale=guidance, output_type="pt").images
 
+    def evaluate_path():
+        import tempfile
+
+        from erasekit.evaluation.cache import ImageCache
+        from erasekit.evaluation.runner import Settings, Variant, generate_missing, make_plan
+        from erasekit.evaluation.suites import PromptSet, Suite, SuitePrompt
+
+        sp = tuple(SuitePrompt(t, s) for t, s in zip(texts, seeds))
+        suite = Suite("speed", (), "", (PromptSet("prompts", "target", sp),), "benchmark", "generic")
+        settings = Settings(steps=args.steps, guidance=guidance, batch_size=args.images)
+        plan = make_plan("benchmark", [Variant("original")], suite, settings)
+        with tempfile.TemporaryDirectory() as tmp:
+            generate_missing(model, plan, ImageCache(tmp), settings, progress=False)
+
     same = float((ours() - stock()).abs().max())
     t_ours, t_stock = best_of(ours, args.repeats), best_of(stock, args.repeats)
+    t_eval = best_of(evaluate_path, args.repeats)
     result = {
         "device": f"cpu x{torch.get_num_threads()}" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "images": args.images, "steps": args.steps, "guidance": guidance,
@@ -62,6 +78,9 @@ def main() -> None:
         "erasekit_images_per_s": round(args.images / t_ours, 2),
         "stock_images_per_s": round(args.images / t_stock, 2),
         "speed_ratio_erasekit_over_stock": round(t_stock / t_ours, 3),
+        "evaluate_generation_s": round(t_eval, 3),
+        "evaluate_images_per_s": round(args.images / t_eval, 2),
+        "speed_ratio_evaluate_over_stock": round(t_stock / t_eval, 3),
         "max_pixel_difference": same,
     }
     print(json.dumps(result, indent=2))

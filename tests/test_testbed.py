@@ -141,11 +141,14 @@ def test_a_few_hundred_training_steps_reduce_the_loss(tmp_path):
 def test_demo_writes_a_grid_and_only_replaces_its_own_output(tmp_path, capsys):
     from erasekit.demo import run_demo
 
-    out = run_demo(tmp_path / "demo", samples=8)
+    out = run_demo(tmp_path / "demo", samples=8, attack_prompts=2)
     record = json.loads((out / "demo.json").read_text())
     assert (out / "grid.png").is_file() and set(record["accuracy"]) == {"canonical", "heldout"}
+    assert set(record["erasure"]) == {"original", "uce"} and record["attack"]["n"] == 2
+    for report in ("evaluation/report.html", "attack/report.html"):
+        assert "<img" in (out / report).read_text()
     assert "judge accuracy" in capsys.readouterr().out
-    run_demo(out, samples=4)  # an earlier demo may be replaced
+    run_demo(out, samples=4, attack_prompts=1)  # an earlier demo may be replaced
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

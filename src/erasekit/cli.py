@@ -162,7 +162,7 @@ def cmd_erase(args) -> None:
         if not sep:
             raise UserError(f"--set {item!r} is not KEY=VALUE")
         values[key.strip()] = value.strip()
-    cfg = methods.build_config(method, values, source=args.config or "--set")
+    cfg = methods.build_config(method, values, source=args.config or "--set", testbed=args.model == "testbed")
     spec = build_spec(args)
     if Path(args.out).exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists: choose another path or pass --overwrite")
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("train", help="train the testbed denoiser (seeded, resumable)")
     p.add_argument("--out", default="runs/testbed", help="run folder: checkpoint, log, final weights")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")

@@ -141,6 +141,17 @@ class Delta:
         finally:
             self.revert(model, old)
 
+    @staticmethod
+    @contextmanager
+    def swapped(model: Model, values: dict[str, torch.Tensor]):
+        """with Delta.swapped(model, values): the named parameters hold values inside the block."""
+        current = {name: model.parameter(name).detach().clone() for name in values}
+        Delta.revert(model, values)
+        try:
+            yield model
+        finally:
+            Delta.revert(model, current)
+
     def relative_change(self, model: Model) -> dict[str, float]:
         """||new - base|| / ||base|| per tensor, against model's current (base) values."""
         out = {}

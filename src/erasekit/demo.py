@@ -31,7 +31,7 @@ def _check_out(out: Path) -> bool:
 
 
 def run_demo(out: str | Path = "erasekit-demo", samples: int = 48, concept: str = "red",
-             method: str = "uce") -> Path:
+             method: str = "uce", attack_prompts: int = ATTACK_PROMPTS) -> Path:
     from . import load
     from .testbed.evaluate import accuracy, attribute_prompts, generate, judge_verdicts
     from .testbed.judge import load_judge
@@ -66,7 +66,7 @@ def run_demo(out: str | Path = "erasekit-demo", samples: int = 48, concept: str 
     with atomic_dir(out, overwrite=replace) as tmp:
         delta.save(tmp / delta_name)
         evaluation = evaluate_step(model, delta, tmp / delta_name, concept, samples, tmp / "evaluation")
-        attack = attack_step(model, delta, tmp / delta_name, concept, ATTACK_PROMPTS, tmp / "attack")
+        attack = attack_step(model, delta, tmp / delta_name, concept, attack_prompts, tmp / "attack")
         make_grid(to_pil(images), columns=len(SEEDS) * 2, labels=labels, cell=128, label_lines=5).save(
             tmp / "grid.png")
         before_after.save(tmp / "erasure.png")

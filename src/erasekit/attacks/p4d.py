@@ -23,8 +23,8 @@ class P4DConfig:
     variant: str = "n"  # "n": N free tokens; "k": a free token after every K prompt tokens
     n_tokens: int = 16
     every_k: int = 3
-    iterations: int = 3000
-    lr: float = 0.1
+    iterations: int = 3000  # optimiser settings as in PEZ (hard-prompt projection), which P4D builds on;
+    lr: float = 0.1  # the iteration count is erasekit's choice, not checked against P4D's own code
     weight_decay: float = 0.1
     seed: int = 0
 

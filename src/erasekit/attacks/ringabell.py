@@ -31,7 +31,7 @@ class RingABellConfig:
     seed: int = 0
 
 
-TESTBED = {"population": 64, "generations": 150}
+TESTBED = {"population": 32, "generations": 60}
 
 
 def concept_pairs(ctx: AttackContext, suite, n: int) -> tuple[list[str], list[str]]:

@@ -17,33 +17,76 @@ class Method:
     config: type
     erase: Callable
     summary: str
+    testbed: dict = dataclasses.field(default_factory=dict)  # smaller settings used on the testbed
+    fine_tuning: bool = False  # its erase takes base_values (what an earlier stage changed) when composed
+    parts: tuple = ()  # a composition "A+B": the methods it runs in order
 
 
 def _registry() -> dict[str, Method]:
+    from ..finetune import esd, trce2
     from . import erasepro, rece, trce, uce
 
-    return {m.name: m for m in (
+    methods = {m.name: m for m in (
         Method("uce", uce.UCEConfig, uce.erase, "unified concept editing (closed form, K/V)"),
         Method("rece", rece.RECEConfig, rece.erase, "UCE + derived-embedding rounds (closed form, K/V)"),
         Method("erasepro", erasepro.EraseProConfig, erasepro.erase,
                "zero-residual progressive edit (closed form, text encoder + K/V)"),
         Method("trce-stage1", trce.TRCEStage1Config, trce.erase, "TRCE textual erasure of [EoT] (closed form)"),
+        Method("esd", esd.ESDConfig, esd.erase, "ESD: negative-guidance fine-tuning (esd-x, -x-strict, -u, -all)",
+               esd.TESTBED, fine_tuning=True),
+        Method("trce-stage2", trce2.TRCEStage2Config, trce2.erase,
+               "TRCE trajectory steering (fine-tuning attn1 and to_q; run after trce-stage1)", trce2.TESTBED,
+               fine_tuning=True),
     )}
+    methods["trce"] = _compose(methods, "trce-stage1+trce-stage2", name="trce",
+                               summary="full TRCE: stage 1 (closed form) then stage 2 (fine-tuning)")
+    return methods
+
+
+def _compose(methods: dict[str, Method], text: str, name: str | None = None, summary: str = "") -> Method:
+    """A method that runs its parts in order ("uce+esd"): each later part on the model the earlier
+    parts made, and one delta with all their tensors."""
+    from .compose import erase_composed
+
+    parts = tuple(get_single(methods, part.strip()) for part in text.split("+"))
+    if len(parts) < 2:
+        raise UserError(f"a composition needs two methods joined by '+', got {text!r}")
+    for later in parts[1:]:
+        if not later.fine_tuning:
+            raise UserError(f"in {text!r}, {later.name} comes after another method but is closed form: "
+                            "put the closed-form method first and fine-tuning methods after it")
+    name = name or "+".join(p.name for p in parts)
+
+    def erase(model, spec, cfgs):
+        return erase_composed(model, spec, cfgs, parts, name)
+
+    return Method(name, type(None), erase, summary or " then ".join(p.name for p in parts), parts=parts)
+
+
+def get_single(methods: dict[str, Method], name: str) -> Method:
+    if name not in methods:
+        raise UserError(f"unknown method {name!r}: choose one of {', '.join(methods)} (or join two with '+')")
+    return methods[name]
 
 
 def get(name: str) -> Method:
     methods = _registry()
-    if name not in methods:
-        raise UserError(f"unknown method {name!r}: choose one of {', '.join(methods)}")
-    return methods[name]
+    if "+" in name:
+        return _compose(methods, name)
+    return get_single(methods, name)
 
 
 def names() -> list[str]:
     return list(_registry())
 
 
-def build_config(method: Method, values: dict[str, Any], source: str = "config") -> Any:
-    """A method config from a mapping, converting strings to the fields' types; unknown keys are named."""
+def build_config(method: Method, values: dict[str, Any], source: str = "config", testbed: bool = False) -> Any:
+    """A method config from a mapping, converting strings to the fields' types; unknown keys are named.
+    On the testbed the method's smaller settings come first. A composition gets a list of configs,
+    one per part: 'part.key' goes to that part, a plain key to every part that has it."""
+    if method.parts:
+        return _composed_configs(method, values, source, testbed)
+    values = {**(method.testbed if testbed else {}), **values}
     fields = {f.name: f for f in dataclasses.fields(method.config)}
     unknown = set(values) - set(fields)
     if unknown:
@@ -74,3 +117,18 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         except ValueError:
             continue
     raise UserError(f"{where}: cannot read {value!r} as {hint}")
+
+
+def _composed_configs(method: Method, values: dict[str, Any], source: str, testbed: bool) -> list:
+    routed: dict[str, dict[str, Any]] = {p.name: {} for p in method.parts}
+    for key, value in values.items():
+        part, dot, field = key.partition(".")
+        if dot and part in routed:
+            routed[part][field] = value
+            continue
+        owners = [p.name for p in method.parts if key in {f.name for f in dataclasses.fields(p.config)}]
+        if not owners:
+            raise UserError(f"{source} has unknown key {key!r} for {method.name}: no part has it")
+        for owner in owners:
+            routed[owner][key] = value
+    return [build_config(p, routed[p.name], source, testbed) for p in method.parts]

@@ -13,8 +13,10 @@ UNET_CONFIG = dict(
     norm_num_groups=16,
     layers_per_block=1,
     block_out_channels=(32, 64, 128),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    # Cross-attention at every level, 16x16 included: with it only at 8x8 and 4x4 the denoiser learned
+    # each shape's size but not its outline (shape accuracy 0.35 after 6,000 steps).
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
 
 # x0 ("sample") prediction trains far faster than epsilon on CPU; DDIM's x0 clipping must

@@ -27,7 +27,7 @@ from .world import caption, random_scene, render
 class TrainConfig:
     out: str = "runs/testbed"
     seed: int = 0
-    steps: int = 6000
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 200

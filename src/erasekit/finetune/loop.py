@@ -1,0 +1,164 @@
+"""One training loop for every fine-tuning erasure method.
+
+A method supplies its parameter set (name patterns), its setup (embeddings, caches) and its loss; the
+loop does the rest: the optimizer, gradient accumulation, mixed precision on GPU, one generator per step
+seeded by (seed, step, process) so a resumed run draws exactly what an uninterrupted one would,
+checkpoints with optimizer state every N steps, a progress bar with the loss, and gradient averaging
+across processes when launched with accelerate. The result is a Delta of the trained tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..errors import UserError
+from ..model import Model
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 200
+    lr: float = 5e-5
+    optimizer: str = "adam"  # adam or adamw
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    max_grad_norm: float = 0.0  # 0: no clipping
+    seed: int = 0
+    mixed_precision: str = "no"  # no or bf16 (GPU only)
+    checkpoint_every: int = 50
+    run_dir: str = ""  # where checkpoints and the log go ("" = no checkpoints)
+    resume: bool = True  # continue from run_dir's checkpoint when there is one
+    progress: bool = True
+
+
+def loop_fields() -> set[str]:
+    return set(LoopConfig.__dataclass_fields__)
+
+
+def split_config(cfg) -> LoopConfig:
+    """The loop settings carried by a method config (which holds the LoopConfig fields too)."""
+    return LoopConfig(**{k: getattr(cfg, k) for k in loop_fields()})
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) * 64 + int(rank))
+
+
+def make_optimizer(params: list[torch.Tensor], cfg: LoopConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise UserError(f"unknown optimizer {cfg.optimizer!r}: use adam or adamw")
+
+
+def _autocast(model: Model, cfg: LoopConfig):
+    if cfg.mixed_precision == "no":
+        return nullcontext()
+    if cfg.mixed_precision != "bf16":
+        raise UserError(f"mixed_precision {cfg.mixed_precision!r} is not supported: use no or bf16")
+    if model.device.type != "cuda":
+        return nullcontext()  # mixed precision is a GPU feature; CPU runs in the model's dtype
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def _distributed():
+    from ..evaluation.runner import distributed_state
+
+    return distributed_state()
+
+
+def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, cfg: LoopConfig,
+        describe: dict | None = None) -> dict[str, torch.Tensor]:
+    """Train the named parameters with loss_fn(step, generator) -> (loss, logs); returns their new values.
+    The parameters are trained in place; the caller restores them (see `trained`)."""
+    if cfg.steps < 1 or cfg.grad_accum < 1:
+        raise UserError(f"steps ({cfg.steps}) and grad_accum ({cfg.grad_accum}) must be at least 1")
+    state = _distributed()
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    main = rank == 0
+    params = list(named.values())
+    for p in params:
+        p.requires_grad_(True)
+    opt = make_optimizer(params, cfg)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+    ckpt = run_dir / "checkpoint.safetensors" if run_dir else None
+    start = 0
+    if ckpt is not None and cfg.resume and ckpt.is_file():
+        groups, meta = load_checkpoint(ckpt, optimizer=opt)
+        _check_same_run(meta, describe)
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(groups["params"][name].to(p.device, p.dtype))
+        start = meta["step"]
+    bar = tqdm(total=cfg.steps, initial=start, desc="fine-tuning", unit="step", disable=not (cfg.progress and main))
+    t0 = time.time()
+    for step in range(start, cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        logs: dict = {}
+        for micro in range(cfg.grad_accum):
+            gen = step_generator(cfg.seed, step * cfg.grad_accum + micro, rank)
+            with _autocast(model, cfg):
+                loss, logs = loss_fn(step, gen)
+            (loss / cfg.grad_accum).backward()
+        if world > 1:
+            _average_gradients(params, world)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        done = step + 1
+        bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+        bar.update(1)
+        if main and run_dir is not None:
+            _log(run_dir, {"step": done, "loss": round(float(loss.detach()), 6), **logs,
+                           "elapsed_s": round(time.time() - t0, 2)})
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(ckpt, {"params": {k: v.detach() for k, v in named.items()}},
+                                {"step": done, "describe": describe or {}}, optimizer=opt)
+    bar.close()
+    for p in params:
+        p.requires_grad_(False)
+    return {k: v.detach().clone() for k, v in named.items()}
+
+
+def _average_gradients(params, world: int) -> None:
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
+def _check_same_run(meta: dict, describe: dict | None) -> None:
+    before = meta.get("describe") or {}
+    if describe is not None and before and before != json.loads(json.dumps(describe)):
+        raise UserError("the checkpoint in the run folder belongs to another run (method, concepts or settings "
+                        "differ): choose another --run-dir or pass --set resume=false to start over")
+
+
+def _log(run_dir: Path, record: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def record(cfg: LoopConfig) -> dict:
+    out = asdict(cfg)
+    out.pop("progress", None)
+    return out
+
+
+def write_summary(run_dir: str, summary: dict) -> None:
+    if run_dir:
+        atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")

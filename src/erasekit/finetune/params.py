@@ -1,0 +1,67 @@
+"""Choosing the denoiser's trainable parameters by name, and a frozen copy of them for the teacher."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch.func import functional_call
+
+from ..errors import UserError
+from ..model import Model
+
+# ESD's parameter sets and TRCE stage 2's, as regular expressions over the UNet's parameter names.
+PARAMETER_SETS = {
+    "esd-x": (r"attn2\.",),
+    "esd-x-strict": (r"attn2\.to_[kv]\.",),
+    "esd-u": (r"^(?!.*attn2\.)",),
+    "esd-all": (r".",),
+    "trce": (r"attn1\.", r"attn2\.to_q\."),
+}
+
+
+def select(model: Model, patterns: tuple[str, ...] | str) -> dict[str, torch.nn.Parameter]:
+    """UNet parameters whose names match any pattern (a set name from PARAMETER_SETS or regexes)."""
+    if isinstance(patterns, str):
+        if patterns not in PARAMETER_SETS:
+            raise UserError(f"unknown parameter set {patterns!r}: choose one of {', '.join(PARAMETER_SETS)}")
+        patterns = PARAMETER_SETS[patterns]
+    compiled = [re.compile(p) for p in patterns]
+    chosen = {n: p for n, p in model.unet.named_parameters() if any(c.search(n) for c in compiled)}
+    if not chosen:
+        raise UserError(f"no denoiser parameter matches {list(patterns)}: check the parameter names")
+    return chosen
+
+
+class Frozen:
+    """The denoiser as it was before training, without a second copy of it: the trained parameters'
+    starting values are kept and swapped in for the call (torch.func.functional_call)."""
+
+    def __init__(self, model: Model, named: dict[str, torch.nn.Parameter]):
+        self.model = model
+        self.values = {k: v.detach().clone() for k, v in named.items()}
+
+    @torch.no_grad()
+    def raw(self, x_t: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        return functional_call(m.unet, self.values, (x_t.to(m.dtype), t, emb.to(m.dtype))).sample
+
+    @torch.no_grad()
+    def guided(self, x_t, t, emb, guidance: float, uncond: torch.Tensor) -> torch.Tensor:
+        u = self.raw(x_t, t, uncond.expand(x_t.shape[0], -1, -1))
+        c = self.raw(x_t, t, emb)
+        return u + guidance * (c - u)
+
+    @torch.no_grad()
+    def rollout(self, emb: torch.Tensor, uncond: torch.Tensor, seeds_noise: torch.Tensor, steps: int, to_step: int,
+                guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen model's own DDIM trajectory from seeds_noise for to_step of steps steps:
+        (x_t, t) where t is the timestep the next step would denoise."""
+        m = self.model
+        timesteps = m.timesteps(steps)
+        latents = seeds_noise
+        for t in timesteps[:to_step]:
+            latents = m.scheduler.step(self.guided(latents, t, emb, guidance, uncond), t, latents).prev_sample
+        return latents, timesteps[to_step]

@@ -1,0 +1,123 @@
+"""TRCE stage 2: denoising-trajectory steering, fine-tuned on top of stage 1.
+
+Latents come from the original model's own trajectories (DDIM, guidance g) for the malicious prompts and
+for the empty prompt, early steps only (the first 26 of 50 in the reference); each latent is paired with
+the timestep it is about to be denoised at (the reference pairs it with the step after: not copied).
+With the stage-1 model as the frozen reference f:
+    f_safe   = f(z, c_s) + beta * (f(z, c_s) - f(z, empty))      f_unsafe: the same with c_m
+    L_erase  = mean over a in {theta(z, c_m), theta(z, empty)} of relu(MSE(a, f_safe) - MSE(a, f_unsafe) + delta)
+    L_pres   = MSE(theta(z_u, empty), f(z_u, empty)) on the empty prompt's trajectory
+    loss     = L_erase + w_pres * L_pres
+Trainable: every self-attention weight (attn1) and attn2.to_q; stage 1's K/V stay frozen. Trajectories
+are made once per prompt and kept in memory in half precision, early steps only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..concepts import ConceptSpec
+from ..delta import Delta
+from ..methods.trce import stage1_pairs
+from ..model import Model
+from .esd import train_and_restore
+from .loop import LoopConfig, record
+from .params import Frozen, select
+
+TESTBED = {"steps": 150, "lr": 1e-4, "trajectory_steps": 20}
+
+
+@dataclass
+class TRCEStage2Config(LoopConfig):
+    beta: float = 15.0
+    margin: float = 0.01  # delta in the hinge
+    preserve_weight: float = 100.0
+    trajectory_steps: int = 50
+    early_fraction: float = 0.52  # the first 26 of 50 steps (t from 980 to 480 in SD)
+    guidance: float = 3.0
+    templates: str = "trce"  # prompt pairs as stage 1 builds them
+    optimizer: str = "adamw"
+    lr: float = 1e-6
+    steps: int = 300  # 900 for several concepts in the reference
+
+
+class TrajectoryCache:
+    """Early-step latents of the original model's trajectory per prompt (half precision)."""
+
+    def __init__(self, model: Model, cfg: TRCEStage2Config, original):
+        self.model, self.cfg, self.original = model, cfg, original
+        self.uncond = model.encode([""]).embeddings
+        self.early = max(1, round(cfg.early_fraction * cfg.trajectory_steps))
+        self.store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def get(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = f"{seed}:{prompt}"
+        if key not in self.store:
+            m, cfg = self.model, self.cfg
+            emb = m.encode([prompt]).embeddings
+            latents = m.initial_noise([seed])
+            kept, times = [], []
+            with self.original():
+                for t in m.timesteps(cfg.trajectory_steps)[:self.early]:
+                    kept.append(latents.to(torch.float16))
+                    times.append(t)
+                    out = m.guided(latents, t, emb, cfg.guidance, self.uncond)
+                    latents = m.scheduler.step(out, t, latents).prev_sample
+            self.store[key] = (torch.cat(kept), torch.stack(times))
+        return self.store[key]
+
+
+class TRCEStage2Loss:
+    def __init__(self, model: Model, malicious: list[str], safe: list[str], ref: Frozen, cfg: TRCEStage2Config,
+                 original):
+        self.model, self.ref, self.cfg = model, ref, cfg
+        self.malicious, self.safe = malicious, safe
+        self.c_m = model.encode(malicious).embeddings.detach()
+        self.c_s = model.encode(safe).embeddings.detach()
+        self.empty = model.encode([""]).embeddings.detach()
+        self.cache = TrajectoryCache(model, cfg, original)
+
+    def _guided_ref(self, z, t, c):
+        u, x = self.ref.raw(z, t, self.empty), self.ref.raw(z, t, c)
+        return x + self.cfg.beta * (x - u)
+
+    def __call__(self, step: int, gen: torch.Generator):
+        m, cfg = self.model, self.cfg
+        i = int(torch.randint(0, len(self.malicious), (1,), generator=gen))
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) % 8 + cfg.seed * 8  # 8 trajectories a prompt
+        lat_m, times = self.cache.get(self.malicious[i], seed)
+        lat_u, _ = self.cache.get("", seed)
+        k = int(torch.randint(0, len(times), (1,), generator=gen))
+        z, z_u, t = lat_m[k:k + 1].to(m.dtype), lat_u[k:k + 1].to(m.dtype), times[k]
+        c_m, c_s = self.c_m[i:i + 1], self.c_s[i:i + 1]
+        f_safe, f_unsafe = self._guided_ref(z, t, c_s).float(), self._guided_ref(z, t, c_m).float()
+        mse = torch.nn.functional.mse_loss
+        hinge = [torch.relu(mse(a, f_safe) - mse(a, f_unsafe) + cfg.margin)
+                 for a in (m.raw(z, t, c_m).float(), m.raw(z, t, self.empty).float())]
+        erase = torch.stack(hinge).mean()
+        keep = mse(m.raw(z_u, t, self.empty).float(), self.ref.raw(z_u, t, self.empty).float())
+        return erase + cfg.preserve_weight * keep, {"erase": round(float(erase.detach()), 6),
+                                                     "preserve": round(float(keep.detach()), 8)}
+
+
+def erase(model: Model, spec: ConceptSpec, cfg: TRCEStage2Config | None = None,
+          base_values: dict[str, torch.Tensor] | None = None) -> Delta:
+    """Stage 2 on the model as it is now (stage 1 applied); base_values, when given, are the original
+    values of what stage 1 changed, swapped in while the original model's trajectories are made."""
+    from contextlib import nullcontext
+
+    cfg = cfg or TRCEStage2Config()
+    named = select(model, "trce")
+    malicious, safe = stage1_pairs(spec, cfg.templates)
+
+    def original():
+        return Delta.swapped(model, base_values) if base_values else nullcontext()
+
+    loss = TRCEStage2Loss(model, malicious, safe, Frozen(model, named), cfg, original)
+    config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
+              "spec": spec.to_dict()}
+    new = train_and_restore(model, named, loss, cfg, {"method": "trce-stage2", "config": config})
+    return Delta.from_changes(model, new, "trce-stage2", config, {"pairs": len(malicious), "tensors": len(new)})
