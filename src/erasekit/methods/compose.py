@@ -20,8 +20,8 @@ def erase_composed(model: Model, spec: ConceptSpec, cfgs: list, parts: tuple, na
             else:
                 delta = part.erase(model, spec, cfg)
             old = delta.apply(model, check=False)
-            for name, value in old.items():
-                base_values.setdefault(name, value)
+            for key, value in old.items():
+                base_values.setdefault(key, value)
             merged.update(delta.tensors)
             stats[part.name] = delta.stats
             configs[part.name] = delta.config

@@ -1,0 +1,160 @@
+"""Fine-tuning: parameter sets, the frozen teacher, resume to the same delta, composition, TRCE stage 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from erasekit import methods
+from erasekit.concepts import Concept, ConceptSpec
+from erasekit.errors import UserError
+from erasekit.finetune import esd, params, trce2
+
+SMALL = {"steps": "6", "sampler_steps": "4", "checkpoint_every": "3", "progress": "false"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    from erasekit import load
+
+    return load("testbed")
+
+
+def spec(name="red"):
+    return ConceptSpec([Concept(name)])
+
+
+def test_parameter_sets_select_what_their_names_say(model):
+    x = params.select(model, "esd-x")
+    strict = params.select(model, "esd-x-strict")
+    u = params.select(model, "esd-u")
+    trce = params.select(model, "trce")
+    assert x and all("attn2." in n for n in x)
+    assert strict and all(n.split("attn2.")[1].startswith(("to_k.", "to_v.")) for n in strict)
+    assert set(strict) < set(x)
+    assert u and not any("attn2." in n for n in u)
+    assert len(params.select(model, "esd-all")) == len(x) + len(u)
+    assert trce and all("attn1." in n or "attn2.to_q." in n for n in trce)
+    with pytest.raises(UserError, match="unknown parameter set"):
+        params.select(model, "esd-q")
+
+
+def test_frozen_teacher_keeps_the_starting_weights(model):
+    named = params.select(model, "esd-x-strict")
+    frozen = params.Frozen(model, named)
+    x = torch.randn(2, *model.latent_shape)
+    t = torch.tensor([500, 500])
+    emb = model.encode(["a solid red star on a black background"] * 2).embeddings
+    before = model.raw(x, t, emb).detach()
+    assert torch.allclose(frozen.raw(x, t, emb), before, atol=1e-6)
+    with torch.no_grad():
+        saved = {k: v.clone() for k, v in named.items()}
+        for p in named.values():
+            p.mul_(1.5)
+    try:
+        assert not torch.allclose(model.raw(x, t, emb), before, atol=1e-4)
+        assert torch.allclose(frozen.raw(x, t, emb), before, atol=1e-6)
+    finally:
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(saved[k])
+
+
+def _esd(model, run_dir, **extra):
+    method = methods.get("esd")
+    cfg = methods.build_config(method, {**SMALL, "run_dir": str(run_dir), **extra}, testbed=True)
+    return method.erase(model, spec(), cfg)
+
+
+def test_esd_changes_only_its_parameter_set_and_leaves_the_model_as_it_was(model, tmp_path):
+    before = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+    delta = _esd(model, tmp_path / "run", parameters="esd-x-strict")
+    assert delta.method == "esd" and delta.tensors
+    assert all(n.split("attn2.")[1].startswith(("to_k.", "to_v.")) for n in delta.tensors)
+    assert max(delta.relative_change(model).values()) > 0
+    after = model.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    delta.check(model)  # made against the unedited base
+    log = (tmp_path / "run" / "train.log.jsonl").read_text().splitlines()
+    assert len(log) == 6 and (tmp_path / "run" / "checkpoint.safetensors").is_file()
+
+
+def test_resume_after_a_kill_gives_the_same_delta(model, tmp_path, monkeypatch):
+    whole = _esd(model, tmp_path / "whole")
+    calls = {"n": 0}
+    original = esd.ESDLoss.__call__
+
+    def dying(self, step, gen):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the checkpoint at step 3, inside step 5
+            raise KeyboardInterrupt
+        return original(self, step, gen)
+
+    monkeypatch.setattr(esd.ESDLoss, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _esd(model, tmp_path / "killed")
+    monkeypatch.setattr(esd.ESDLoss, "__call__", original)
+    resumed = _esd(model, tmp_path / "killed")
+    assert set(resumed.tensors) == set(whole.tensors)
+    worst = max(float((resumed.tensors[k] - whole.tensors[k]).abs().max()) for k in whole.tensors)
+    assert worst <= 1e-6, worst
+    moved = max(float((whole.tensors[k] - model.parameter(k).detach()).abs().max()) for k in whole.tensors)
+    assert moved > 1e-6  # the comparison means something: training moved the weights
+
+
+def test_a_checkpoint_of_another_run_is_refused(model, tmp_path):
+    _esd(model, tmp_path / "run")
+    with pytest.raises(UserError, match="belongs to another run"):
+        _esd(model, tmp_path / "run", eta="2.0")
+
+
+def test_composition_gives_one_delta_with_both_stages(model, tmp_path):
+    composed = methods.get("uce+esd")
+    cfgs = methods.build_config(composed, {"esd.steps": "3", "sampler_steps": "4", "progress": "false",
+                                           "esd.parameters": "esd-u"}, testbed=True)
+    delta = composed.erase(model, spec(), cfgs)
+    uce = methods.get("uce")
+    alone = uce.erase(model, spec(), uce.config())
+    assert set(alone.tensors) <= set(delta.tensors)
+    for k in alone.tensors:  # esd-u does not touch the K/V UCE edited
+        assert torch.allclose(delta.tensors[k], alone.tensors[k], atol=1e-6)
+    assert any("attn2." not in k for k in delta.tensors)
+    delta.check(model)
+    assert delta.method == "uce+esd" and set(delta.config) == {"uce", "esd"}
+
+
+def test_full_trce_trains_attn1_and_to_q_on_top_of_stage1(model):
+    method = methods.get("trce")
+    cfgs = methods.build_config(method, {"steps": "3", "trajectory_steps": "6", "progress": "false"}, testbed=True)
+    delta = method.erase(model, spec(), cfgs)
+    names = set(delta.tensors)
+    assert any("attn2.to_k" in n for n in names) and any("attn1." in n for n in names)
+    assert any("attn2.to_q" in n for n in names)
+    assert delta.method == "trce"
+
+
+def test_trajectory_cache_keeps_early_steps_in_half_precision(model):
+    cfg = trce2.TRCEStage2Config(trajectory_steps=10)
+    from contextlib import nullcontext
+
+    cache = trce2.TrajectoryCache(model, cfg, nullcontext)
+    latents, times = cache.get("a solid red star on a black background", 0)
+    assert latents.dtype == torch.float16 and len(latents) == len(times) == 5
+    assert times[0] > times[-1]  # the noisy early part, in sampling order
+    assert torch.allclose(latents[0].float(), model.initial_noise([0])[0], atol=1e-2)
+
+
+def test_bad_compositions_and_keys_are_named():
+    with pytest.raises(UserError, match="closed form"):
+        methods.get("esd+uce")
+    with pytest.raises(UserError, match="unknown method 'nope'"):
+        methods.get("uce+nope")
+    with pytest.raises(UserError, match="no part has it"):
+        methods.build_config(methods.get("uce+esd"), {"banana": "1"})
+
+
+def test_zero_steps_are_refused(model):
+    method = methods.get("esd")
+    cfg = methods.build_config(method, {"steps": "0", "progress": "false"}, testbed=True)
+    with pytest.raises(UserError, match="at least 1"):
+        method.erase(model, spec(), cfg)
