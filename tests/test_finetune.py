@@ -158,3 +158,57 @@ def test_zero_steps_are_refused(model):
     cfg = methods.build_config(method, {"steps": "0", "progress": "false"}, testbed=True)
     with pytest.raises(UserError, match="at least 1"):
         method.erase(model, spec(), cfg)
+
+
+def test_score_changes_only_salient_entries_and_resumes_with_its_discriminator(model, tmp_path, monkeypatch):
+    from erasekit.finetune import score
+
+    method = methods.get("score")
+    values = {"steps": "4", "sampler_steps": "4", "checkpoint_every": "2", "progress": "false",
+              "saliency_prompts": "2", "saliency": "0.05"}
+
+    def run(folder):
+        return method.erase(model, spec(), methods.build_config(method, {**values, "run_dir": str(folder)},
+                                                                testbed=True))
+
+    whole = run(tmp_path / "whole")
+    for name, value in whole.tensors.items():
+        changed = (value != model.parameter(name).detach()).float().mean()
+        assert changed <= 0.05 + 1e-3, (name, float(changed))
+    assert 0.0 <= whole.stats["disc_heldout_accuracy"] <= 1.0
+    log = [line for line in (tmp_path / "whole" / "train.log.jsonl").read_text().splitlines()]
+    assert all('"disc_accuracy"' in line for line in log)
+
+    calls = {"n": 0}
+    original = score.SCORELoss.__call__
+
+    def dying(self, step, gen):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, step, gen)
+
+    monkeypatch.setattr(score.SCORELoss, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(score.SCORELoss, "__call__", original)
+    resumed = run(tmp_path / "killed")
+    assert set(resumed.tensors) == set(whole.tensors)
+    assert max(float((resumed.tensors[k] - whole.tensors[k]).abs().max()) for k in whole.tensors) <= 1e-6
+
+
+def test_co_erasing_refines_image_tokens_into_word_states_and_trains_text_only(model):
+    from erasekit.finetune import coerasing
+
+    words = torch.randn(3, 8)
+    tokens = torch.randn(5, 4, 8)
+    refined = coerasing.refine(tokens, words)
+    weights = torch.linalg.lstsq(words.T, refined.reshape(-1, 8).T).solution  # each row mixes the words
+    assert torch.allclose(weights.sum(0), torch.ones(20), atol=1e-4) and (weights > -1e-4).all()
+    method = methods.get("co-erasing")
+    cfg = methods.build_config(method, {"steps": "2", "images": "3", "sampler_steps": "4", "progress": "false"},
+                               testbed=True)
+    delta = method.erase(model, spec(), cfg)
+    assert delta.method == "co-erasing" and delta.stats["images"] == 3
+    assert all("attn2." in k for k in delta.tensors)  # the saved model is a text-conditioned UNet
+    delta.check(model)

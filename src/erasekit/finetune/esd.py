@@ -17,7 +17,7 @@ from ..concepts import ConceptSpec
 from ..delta import Delta
 from ..model import Model
 from .loop import LoopConfig, record, run, split_config
-from .params import Frozen, select
+from .params import Frozen, only_these_trainable, select
 
 TESTBED = {"steps": 150, "lr": 1e-3, "sampler_steps": 20}
 
@@ -52,11 +52,12 @@ class ESDLoss:
         return loss, {"k": k}
 
 
-def train_and_restore(model: Model, named: dict, loss_fn, cfg, describe: dict) -> dict[str, torch.Tensor]:
+def train_and_restore(model: Model, named: dict, loss_fn, cfg, describe: dict, extra=None) -> dict[str, torch.Tensor]:
     """Run the loop, then put the starting values back so a Delta can be made against them."""
     start = {k: v.detach().clone() for k, v in named.items()}
     try:
-        return run(model, named, loss_fn, split_config(cfg), describe)
+        with only_these_trainable(model, named):
+            return run(model, named, loss_fn, split_config(cfg), describe, extra)
     finally:
         with torch.no_grad():
             for k, p in named.items():

@@ -78,9 +78,11 @@ def _distributed():
 
 
 def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, cfg: LoopConfig,
-        describe: dict | None = None) -> dict[str, torch.Tensor]:
+        describe: dict | None = None, extra=None) -> dict[str, torch.Tensor]:
     """Train the named parameters with loss_fn(step, generator) -> (loss, logs); returns their new values.
-    The parameters are trained in place; the caller restores them (see `trained`)."""
+    The parameters are trained in place; the caller restores them (see `esd.train_and_restore`). extra, when
+    given, is more training state (a discriminator and its optimizer) with checkpoint() -> (tensors, meta)
+    and restore(tensors, meta), saved and restored with the checkpoint."""
     if cfg.steps < 1 or cfg.grad_accum < 1:
         raise UserError(f"steps ({cfg.steps}) and grad_accum ({cfg.grad_accum}) must be at least 1")
     state = _distributed()
@@ -88,6 +90,7 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
     main = rank == 0
     params = list(named.values())
     for p in params:
+        p.grad = None
         p.requires_grad_(True)
     opt = make_optimizer(params, cfg)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
@@ -100,6 +103,8 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
             for name, p in named.items():
                 p.copy_(groups["params"][name].to(p.device, p.dtype))
         start = meta["step"]
+        if extra is not None:
+            extra.restore(groups.get("extra", {}), meta.get("extra", {}))
     bar = tqdm(total=cfg.steps, initial=start, desc="fine-tuning", unit="step", disable=not (cfg.progress and main))
     t0 = time.time()
     for step in range(start, cfg.steps):
@@ -122,10 +127,14 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
             _log(run_dir, {"step": done, "loss": round(float(loss.detach()), 6), **logs,
                            "elapsed_s": round(time.time() - t0, 2)})
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(ckpt, {"params": {k: v.detach() for k, v in named.items()}},
-                                {"step": done, "describe": describe or {}}, optimizer=opt)
+                groups = {"params": {k: v.detach() for k, v in named.items()}}
+                meta = {"step": done, "describe": describe or {}}
+                if extra is not None:
+                    groups["extra"], meta["extra"] = extra.checkpoint()
+                save_checkpoint(ckpt, groups, meta, optimizer=opt)
     bar.close()
     for p in params:
+        p.grad = None
         p.requires_grad_(False)
     return {k: v.detach().clone() for k, v in named.items()}
 

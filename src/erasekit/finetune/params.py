@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 from torch.func import functional_call
@@ -31,6 +32,23 @@ def select(model: Model, patterns: tuple[str, ...] | str) -> dict[str, torch.nn.
     if not chosen:
         raise UserError(f"no denoiser parameter matches {list(patterns)}: check the parameter names")
     return chosen
+
+
+@contextmanager
+def only_these_trainable(model: Model, named: dict[str, torch.nn.Parameter]):
+    """Every other denoiser and text-encoder parameter stops collecting gradients inside the block
+    (a full-size gradient for Stable Diffusion's 860M frozen parameters would be 3.4 GB)."""
+    keep = {id(p) for p in named.values()}
+    others = [p for p in list(model.unet.parameters()) + list(model.text_encoder.parameters()) if id(p) not in keep]
+    before = [p.requires_grad for p in others]
+    for p in others:
+        p.requires_grad_(False)
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, flag in zip(others, before):
+            p.requires_grad_(flag)
 
 
 class Frozen:

@@ -23,7 +23,7 @@ class Method:
 
 
 def _registry() -> dict[str, Method]:
-    from ..finetune import esd, trce2
+    from ..finetune import coerasing, esd, score, trce2
     from . import erasepro, rece, trce, uce
 
     methods = {m.name: m for m in (
@@ -37,6 +37,12 @@ def _registry() -> dict[str, Method]:
         Method("trce-stage2", trce2.TRCEStage2Config, trce2.erase,
                "TRCE trajectory steering (fine-tuning attn1 and to_q; run after trce-stage1)", trce2.TESTBED,
                fine_tuning=True),
+        Method("co-erasing", coerasing.CoErasingConfig, coerasing.erase,
+               "Co-Erasing: ESD on text, then ESD with image tokens of the concept (fine-tuning)", coerasing.TESTBED,
+               fine_tuning=True),
+        Method("score", score.SCOREConfig, score.erase,
+               "SCORE as we read it: saliency-masked ESD with a discriminator on clean estimates (fine-tuning)",
+               score.TESTBED, fine_tuning=True),
     )}
     methods["trce"] = _compose(methods, "trce-stage1+trce-stage2", name="trce",
                                summary="full TRCE: stage 1 (closed form) then stage 2 (fine-tuning)")

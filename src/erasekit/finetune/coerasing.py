@@ -1,0 +1,136 @@
+"""Co-Erasing: the concept described by text and by images the original model generates for it.
+
+Stage 1 is ESD on the text. Stage 2 is ESD again on the stage-1 model (now the frozen teacher), with the
+condition [text tokens ; image tokens]: the image tokens come from an image encoder through a projection into
+the text encoder's space and, with text guidance, are refined as softmax(Q K^T / sqrt(d)) V with Q the
+projected image tokens and K = V the concept word's token states, so only the visual features related to the
+word remain. The image branch exists only while training: the delta is an ordinary text-conditioned model.
+
+Image encoders: `testbed` (the testbed's aligned image encoder; its text projection is inverted to reach the
+text encoder's space). An IP-Adapter encoder for Stable Diffusion is not implemented yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from ..concepts import ConceptSpec
+from ..delta import Delta
+from ..errors import UserError
+from ..model import Model
+from . import esd
+from .loop import record
+from .params import Frozen, select
+
+TESTBED = {**esd.TESTBED, "images": 32}
+
+
+@dataclass
+class CoErasingConfig(esd.ESDConfig):
+    images: int = 200  # generated concept images used in stage 2 (reference: 500 generated, 100-200 used)
+    text_guided: bool = True
+    image_encoder: str = "testbed"
+    stage1_steps: int = 0  # 0: the same number of steps as stage 2
+
+
+class TestbedImageTokens:
+    """(N, 16, 384) tokens in the text encoder's space from the testbed's aligned image encoder."""
+
+    def __init__(self, device):
+        from ..testbed.clip import load_clip
+
+        self.clip = load_clip(device=device)
+        w, b = self.clip.text_proj.weight.detach().float(), self.clip.text_proj.bias.detach().float()
+        self.inverse, self.bias = torch.linalg.pinv(w.T), b
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.clip.image_tokens(images.to(self.clip.device) * 2 - 1).float()
+        return (tokens - self.bias) @ self.inverse
+
+
+def image_encoder(name: str, model: Model):
+    if name == "testbed":
+        if model.name != "testbed":
+            raise UserError("the testbed image encoder only fits the testbed: for Stable Diffusion Co-Erasing needs "
+                            "an IP-Adapter image encoder, which erasekit does not support yet")
+        return TestbedImageTokens(model.device)
+    raise UserError(f"unknown image encoder {name!r}: use 'testbed' (IP-Adapter folders are not supported yet)")
+
+
+def concept_prompts(model: Model, spec: ConceptSpec, n: int) -> tuple[list[str], list[int]]:
+    """Prompts and seeds for the concept images: the testbed's canonical concept prompts, else
+    'a photo of {concept}' with seeds 0..n-1 per concept."""
+    if model.name == "testbed":
+        from ..testbed.prompts import concept_prompts as testbed_prompts
+
+        out = [p for t in spec.targets for p in testbed_prompts(t.name, "canonical", n, seed=7000)]
+        return [p.text for p in out], [p.seed for p in out]
+    texts = [f"a photo of {t.name}" for t in spec.targets for _ in range(n)]
+    return texts, list(range(len(texts)))
+
+
+def refine(tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Text-guided refinement: (N, T, d) image tokens -> convex combinations of the word states (W, d)."""
+    scores = tokens @ words.T / words.shape[-1] ** 0.5
+    return scores.softmax(dim=-1) @ words
+
+
+class CoErasingLoss(esd.ESDLoss):
+    """ESD's objective with the condition [text ; image tokens] for the trained model and the teacher."""
+
+    def __init__(self, model, prompts, frozen, cfg, image_tokens: torch.Tensor):
+        super().__init__(model, prompts, frozen, cfg)
+        self.image_tokens = image_tokens.to(model.device, model.dtype)
+
+    def __call__(self, step: int, gen: torch.Generator):
+        m, cfg = self.model, self.cfg
+        i = int(torch.randint(0, len(self.cond), (1,), generator=gen))
+        j = int(torch.randint(0, len(self.image_tokens), (1,), generator=gen))
+        k = int(torch.randint(0, cfg.sampler_steps, (1,), generator=gen))
+        noise = torch.randn(m.latent_shape, generator=gen)[None].to(m.device, m.dtype) * m.scheduler.init_noise_sigma
+        c = self.cond[i:i + 1]
+        x_t, t = self.frozen.rollout(c, self.uncond, noise, cfg.sampler_steps, k, cfg.guidance)
+        joint = torch.cat([c, self.image_tokens[j:j + 1]], dim=1)
+        uncond = torch.cat([self.uncond, torch.zeros_like(self.image_tokens[j:j + 1])], dim=1)
+        e0, ec = self.frozen.raw(x_t, t, uncond), self.frozen.raw(x_t, t, joint)
+        target = e0 - cfg.eta * (ec - e0)
+        loss = torch.nn.functional.mse_loss(m.raw(x_t, t, joint).float(), target.float())
+        return loss, {"k": k}
+
+
+def _word_states(model: Model, spec: ConceptSpec) -> torch.Tensor:
+    enc = model.encode([t.name for t in spec.targets])
+    rows = [enc.embeddings[i][1:int(enc.eot[i])] for i in range(len(spec.targets))]  # content tokens only
+    return torch.cat(rows).float()
+
+
+def erase(model: Model, spec: ConceptSpec, cfg: CoErasingConfig | None = None,
+          base_values: dict | None = None) -> Delta:
+    cfg = cfg or CoErasingConfig()
+    encoder = image_encoder(cfg.image_encoder, model)
+    stage1_cfg = replace(cfg, steps=cfg.stage1_steps or cfg.steps,
+                         run_dir=f"{cfg.run_dir}/stage1" if cfg.run_dir else "")
+    stage1 = esd.erase(model, spec, stage1_cfg)
+    texts, seeds = concept_prompts(model, spec, cfg.images)
+    with torch.no_grad():
+        images = model.sample(texts, seeds, progress=False)  # the original model's images of the concept
+        tokens = encoder(images)
+        if cfg.text_guided:
+            tokens = refine(tokens, _word_states(model, spec).to(tokens.device))
+    old = stage1.apply(model, check=False)
+    try:
+        named = select(model, cfg.parameters)
+        prompts = [p.target for p in spec.pairs()]
+        loss = CoErasingLoss(model, prompts, Frozen(model, named), cfg, tokens)
+        config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
+                  "spec": spec.to_dict()}
+        stage2_cfg = replace(cfg, run_dir=f"{cfg.run_dir}/stage2" if cfg.run_dir else "")
+        new = esd.train_and_restore(model, named, loss, stage2_cfg, {"method": "co-erasing", "config": config})
+    finally:
+        Delta.revert(model, old)
+    merged = {**stage1.tensors, **new}
+    return Delta.from_changes(model, merged, "co-erasing", config,
+                              {"images": len(images), "image_tokens": list(tokens.shape[1:]), "tensors": len(merged)})
