@@ -1,10 +1,9 @@
-"""Closed-form methods on the testbed: target rates (canonical, synonym, held-out wording), preservation
-accuracy and Fréchet distance to the original model's outputs, for a style, a colour, a background and a
-two-concept case. (No shape: the shipped denoiser does not draw shapes reliably yet, see docs/TESTBED.md, so
-a shape's unedited target rate is too low to measure erasure.) Resumable: finished rows are kept in the
-output JSON and skipped on a rerun.
+"""Erasure methods on the testbed: target rates (canonical, synonym, held-out wording), preservation
+accuracy and Fréchet distance to the original model's outputs, for a shape, a style, a colour, a background
+and a two-concept case. Closed-form methods by default; any method name works (fine-tuning methods run at
+their testbed settings). Resumable: finished rows are kept in the output JSON and skipped on a rerun.
 
-Usage: python experiments/closed_form.py [--samples 100] [--out docs/results/closed_form.json]
+Usage: python experiments/closed_form.py [--samples 100] [--methods uce esd ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONCEPT_SETS = (("striped",), ("red",), ("grass",), ("red", "striped"))
+CONCEPT_SETS = (("star",), ("striped",), ("red",), ("grass",), ("red", "striped"))
 METHODS = ("uce", "rece", "erasepro", "trce-stage1")
 
 
@@ -76,7 +75,8 @@ def main() -> None:
         for name in todo:
             base, _, options = name.partition(":")  # a variant: "trce-stage1:positions=all"
             method = methods.get(base)
-            cfg = methods.build_config(method, dict(kv.split("=", 1) for kv in options.split(",") if kv))
+            cfg = methods.build_config(method, dict(kv.split("=", 1) for kv in options.split(",") if kv),
+                                       testbed=True)
             t0 = time.time()
             delta = method.erase(model, spec_for(concepts), cfg)
             seconds = time.time() - t0

@@ -212,3 +212,32 @@ def test_co_erasing_refines_image_tokens_into_word_states_and_trains_text_only(m
     assert delta.method == "co-erasing" and delta.stats["images"] == 3
     assert all("attn2." in k for k in delta.tensors)  # the saved model is a text-conditioned UNet
     delta.check(model)
+
+
+def test_two_accelerate_processes_train_what_one_process_with_accumulation_two_trains(tmp_path):
+    """Gradients are averaged across processes and each process draws the micro-batch a single process
+    with accumulation would draw, so both runs must give the same delta."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from erasekit.cli import main
+    from erasekit.delta import Delta
+
+    argv = ["erase", "--method", "esd", "--concept", "red", "--set", "steps=2", "--set", "sampler_steps=4",
+            "--set", "progress=false"]
+    assert main([*argv, "--set", "grad_accum=2", "--out", str(tmp_path / "one.safetensors")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HOME": str(tmp_path / "hf")}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "erasekit", *argv, "--out", str(tmp_path / "two.safetensors")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = Delta.load(tmp_path / "one.safetensors"), Delta.load(tmp_path / "two.safetensors")
+    assert set(one.tensors) == set(two.tensors)
+    assert max(float((one.tensors[k] - two.tensors[k]).abs().max()) for k in one.tensors) <= 1e-5

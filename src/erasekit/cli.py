@@ -151,9 +151,10 @@ def cmd_erase(args) -> None:
     import time
 
     from . import methods
+    from .evaluation.commands import load_for_run
+    from .evaluation.runner import distributed_state
     from .files import read_mapping
     from .methods.common import warn_unknown_tokens
-    from .model import load
 
     method = methods.get(args.method)
     values = read_mapping(args.config, "config file") if args.config else {}
@@ -166,12 +167,15 @@ def cmd_erase(args) -> None:
     spec = build_spec(args)
     if Path(args.out).exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists: choose another path or pass --overwrite")
-    model = load(args.model)
+    model = load_for_run(args.model)
     for phrase in warn_unknown_tokens(model, [p for t in spec.targets for p in t.phrases]):
         warnings.warn(f"every token of {phrase!r} is unknown to the tokenizer: it carries no meaning to erase",
                       stacklevel=2)
     start = time.time()
     delta = method.erase(model, spec, cfg)
+    state = distributed_state()
+    if state is not None and not state.is_main_process:
+        return  # every process trained the same weights (averaged gradients); the main one writes them
     delta.save(args.out, overwrite=args.overwrite)
     change = delta.relative_change(model)
     print(f"{method.name}: erased {', '.join(t.name for t in spec.targets)} from {model.name}: edited "

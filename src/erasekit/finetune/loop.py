@@ -49,8 +49,10 @@ def split_config(cfg) -> LoopConfig:
     return LoopConfig(**{k: getattr(cfg, k) for k in loop_fields()})
 
 
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) * 64 + int(rank))
+def step_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of one micro-batch. index = (step * processes + rank) * grad_accum + micro, so two
+    processes with accumulation 1 draw exactly what one process with accumulation 2 draws."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: LoopConfig) -> torch.optim.Optimizer:
@@ -111,7 +113,7 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
         opt.zero_grad(set_to_none=True)
         logs: dict = {}
         for micro in range(cfg.grad_accum):
-            gen = step_generator(cfg.seed, step * cfg.grad_accum + micro, rank)
+            gen = step_generator(cfg.seed, (step * world + rank) * cfg.grad_accum + micro)
             with _autocast(model, cfg):
                 loss, logs = loss_fn(step, gen)
             (loss / cfg.grad_accum).backward()
