@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import erasekit
+from cli_helpers import one_line_error, run
 from erasekit import Delta
 from erasekit.attacks import names, ringabell, unlearndiff
 from erasekit.attacks.common import AttackContext, frozen
@@ -41,18 +42,6 @@ OPTIONS = {
 }
 HARD = ("unlearndiff", "p4d-n", "p4d-k", "ringabell")  # attacks whose answer is a text prompt
 RECORD_KEYS = {"original_prompt", "adversarial_prompt", "seed", "flagged_before", "flagged_after"}
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("erasekit: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def attack_argv(delta: Path, name: str, out: Path, *extra) -> list[str]:

@@ -10,20 +10,9 @@ import pytest
 import torch
 
 import erasekit
+from cli_helpers import one_line_error, run
 from erasekit import Delta
-from erasekit.cli import main, parse_seeds
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("erasekit: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+from erasekit.cli import parse_seeds
 
 
 def test_help_lists_the_commands():

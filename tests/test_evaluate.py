@@ -13,24 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import one_line_error, run
 from erasekit.cli import main
 from erasekit.evaluation.cache import ImageCache
 from erasekit.evaluation.suites import load_suite
 from erasekit.testbed.evaluate import THRESHOLD
 
 SMALL = ["--suite", "testbed:red", "--steps", "4", "--samples", "4"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("erasekit: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def evaluate_argv(delta: Path, out: Path, limit: int = 3, *extra) -> list[str]:

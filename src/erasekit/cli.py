@@ -153,16 +153,12 @@ def cmd_erase(args) -> None:
     from . import methods
     from .evaluation.commands import load_for_run
     from .evaluation.runner import distributed_state
-    from .files import read_mapping
+    from .files import key_values, read_mapping
     from .methods.common import warn_unknown_tokens
 
     method = methods.get(args.method)
     values = read_mapping(args.config, "config file") if args.config else {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r} is not KEY=VALUE")
-        values[key.strip()] = value.strip()
+    values.update(key_values(args.set, "--set"))
     cfg = methods.build_config(method, values, source=args.config or "--set", testbed=args.model == "testbed")
     spec = build_spec(args)
     if Path(args.out).exists() and not args.overwrite:

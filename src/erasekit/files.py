@@ -54,3 +54,14 @@ def read_prompt_list(path: str | Path) -> list[str]:
     else:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return prompts
+
+
+def key_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    """['a=1', 'b=x'] from repeated KEY=VALUE flags -> {'a': '1', 'b': 'x'}."""
+    values = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"{flag} {item!r} is not KEY=VALUE")
+        values[key.strip()] = value.strip()
+    return values

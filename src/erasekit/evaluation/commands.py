@@ -7,12 +7,14 @@ from pathlib import Path
 from ..errors import UserError
 
 
-def add_common(p) -> None:
+def add_run_args(p, samples: int = 64) -> None:
+    """The arguments every suite-running command shares (evaluate, compare, attack)."""
     p.add_argument("--suite", required=True,
                    help="testbed:CONCEPT (e.g. testbed:star, testbed:red+striped) or a prompt CSV/TXT file")
     p.add_argument("--out", required=True, help="output folder: results.json, report.html and the image cache")
     p.add_argument("--limit", type=int, help="take the first K prompts of each prompt set")
-    p.add_argument("--samples", type=int, default=64, help="testbed suites: prompts per prompt set (default 64)")
+    p.add_argument("--samples", type=int, default=samples,
+                   help=f"testbed suites: prompts per prompt set (default {samples})")
     p.add_argument("--concept", help="the concept a CSV suite targets (default: from the file's layout)")
     p.add_argument("--judge", help="testbed, nudenet, nudenet-extended or module:attr (default: the suite's)")
     p.add_argument("--threshold", type=float, help="the judge's threshold (default: the judge's own)")
@@ -20,9 +22,13 @@ def add_common(p) -> None:
     p.add_argument("--guidance", type=float, help="guidance scale when a prompt has none (default: the model's)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image (default none)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--real-images", help="a folder of real images for FID_real")
     p.add_argument("--resume", action="store_true", help="continue a run in --out, reusing its cached images")
     p.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
+
+
+def add_common(p) -> None:
+    add_run_args(p)
+    p.add_argument("--real-images", help="a folder of real images for FID_real")
 
 
 def add_parsers(sub, model_arg) -> None:
