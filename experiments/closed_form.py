@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONCEPT_SETS = (("star",), ("striped",), ("red",), ("grass",), ("red", "striped"))
+CONCEPT_SETS = (("circle",), ("striped",), ("red",), ("grass",), ("red", "striped"))
 METHODS = ("uce", "rece", "erasepro", "trce-stage1")
 
 

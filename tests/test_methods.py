@@ -122,7 +122,7 @@ def test_methods_on_the_testbed_find_its_layers():
     testbed = erasekit.load("testbed")
     spec = ConceptSpec(["star"], preserve=["circle"])
     delta = uce.erase(testbed, spec)
-    assert len(delta.tensors) == 14
+    assert len(delta.tensors) == 20  # K and V of 10 cross-attention blocks (16x16, 8x8, 4x4 and the middle)
     assert len(testbed.text_mlp_layers()) == 6
     rows = single_rows(testbed.encode(["a star"]), "key")
     assert rows.shape == (1, 384)

@@ -106,7 +106,7 @@ def test_testbed_adapter_positions(testbed):
     assert testbed.end_token_id == testbed.tokenizer.sep_token_id
     assert enc.input_ids[0, enc.eot[0]] == testbed.tokenizer.sep_token_id
     assert enc.eot.tolist() == [4, 1] and enc.embeddings.shape == (2, 24, 384)
-    assert len(testbed.cross_attention_layers()) == 14
+    assert len(testbed.cross_attention_layers()) == 20
 
 
 def test_training_resumes_to_the_same_weights(tmp_path):

@@ -113,7 +113,8 @@ def cmd_testbed_train(args) -> None:
     from .testbed.train import TrainConfig, train
 
     cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                      checkpoint_every=args.checkpoint_every)
+                      checkpoint_every=args.checkpoint_every, min_snr_gamma=args.min_snr_gamma,
+                      min_snr_from=args.min_snr_from, ema_from=args.ema_from)
     train(cfg, resume=not args.restart, argv=["erasekit", *sys.argv[1:]])
 
 
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole story on the built-in testbed: generate, judge, erase, measure")
     p.add_argument("--out", default="erasekit-demo", help="output folder (default erasekit-demo)")
-    p.add_argument("--samples", type=int, default=48, help="prompts per wording kind for the accuracy check")
+    p.add_argument("--samples", type=int, default=24, help="prompts per wording kind and per prompt set")
     p.add_argument("--concept", default="red", help="the testbed concept the demo erases (default red)")
     p.add_argument("--method", default="uce", help="the closed-form method the demo erases with (default uce)")
     p.set_defaults(func=cmd_demo)
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR weighting of the loss (0: off)")
+    p.add_argument("--min-snr-from", type=int, default=0, help="the step min-SNR weighting starts at")
+    p.add_argument("--ema-from", type=int, default=0, help="restart the EMA (with a warm-up) at this step")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     p.set_defaults(func=cmd_testbed_train)
 

@@ -20,7 +20,7 @@ DEMO_PROMPTS = [
     ("a solid purple cross on a white background", "a opaque lilac crucifix on a snowy backdrop"),
 ]
 SEEDS = (0, 1)
-ATTACK_PROMPTS = 8
+ATTACK_PROMPTS = 6
 
 
 def _check_out(out: Path) -> bool:
@@ -30,7 +30,7 @@ def _check_out(out: Path) -> bool:
     return out.exists()
 
 
-def run_demo(out: str | Path = "erasekit-demo", samples: int = 48, concept: str = "red",
+def run_demo(out: str | Path = "erasekit-demo", samples: int = 24, concept: str = "red",
              method: str = "uce", attack_prompts: int = ATTACK_PROMPTS) -> Path:
     from . import load
     from .testbed.evaluate import accuracy, attribute_prompts, generate, judge_verdicts
@@ -40,7 +40,7 @@ def run_demo(out: str | Path = "erasekit-demo", samples: int = 48, concept: str 
     out = Path(out)
     replace = _check_out(out)
     start = time.time()
-    print("loading the testbed (a 4.6M-parameter text-to-image model, 16x16 pixels) and its judge")
+    print("loading the testbed (a 4.7M-parameter text-to-image model, 16x16 pixels) and its judge")
     model, judge = load("testbed"), load_judge()
 
     pairs = [(text, seed) for pair in DEMO_PROMPTS for text in pair for seed in SEEDS]

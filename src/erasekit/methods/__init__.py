@@ -90,9 +90,9 @@ def build_config(method: Method, values: dict[str, Any], source: str = "config",
     """A method config from a mapping, converting strings to the fields' types; unknown keys are named.
     On the testbed the method's smaller settings come first. A composition gets a list of configs,
     one per part: 'part.key' goes to that part, a plain key to every part that has it."""
-    if method.parts:
+    if getattr(method, "parts", ()):
         return _composed_configs(method, values, source, testbed)
-    values = {**(method.testbed if testbed else {}), **values}
+    values = {**(getattr(method, "testbed", {}) if testbed else {}), **values}
     fields = {f.name: f for f in dataclasses.fields(method.config)}
     unknown = set(values) - set(fields)
     if unknown:
