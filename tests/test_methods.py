@@ -106,16 +106,36 @@ def test_trce_stage1_maps_eot_rows_and_caches_its_prior(model, spec, tmp_path):
         trce.erase(model, spec)  # a real model has no default caption list
 
 
-def test_every_method_erases_several_concepts_at_once(model):
+FAST = {"steps": "2", "progress": "false", "sampler_steps": "3", "trajectory_steps": "4", "saliency_prompts": "2"}
+
+
+def fast_values(method, extra: dict) -> dict:
+    """Small fine-tuning settings, keeping only the keys the method (or its parts) has."""
+    import dataclasses
+
+    names = {f.name for part in (method.parts or (method,)) for f in dataclasses.fields(part.config)}
+    return {k: v for k, v in {**FAST, **extra}.items() if k in names}
+
+
+def test_every_method_erases_several_concepts_at_once(model, tmp_path):
     spec = ConceptSpec(["cat", "star"], anchors=["dog", "circle"])
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red car\na dog\n" * 5)
     for name in methods.names():
         method = methods.get(name)
-        cfg = method.config(prior_prompts=None) if name == "trce-stage1" else method.config()
         if name == "trce-stage1":
-            delta = trce.erase_stage1(model, spec, ["a red car", "a dog"] * 5, cfg)
-        else:
+            delta = trce.erase_stage1(model, spec, ["a red car", "a dog"] * 5, method.config(prior_prompts=None))
+        elif name == "co-erasing":  # its image encoder for SD (IP-Adapter) is not there yet: a clear error
+            with pytest.raises(UserError, match="IP-Adapter"):
+                method.erase(model, spec, methods.build_config(method, fast_values(method, {})))
+            continue
+        elif method.fine_tuning or method.parts:
+            cfg = methods.build_config(method, fast_values(method, {"prior_prompts": str(captions)}))
             delta = method.erase(model, spec, cfg)
-        assert len(delta.tensors) >= 8 and delta.config["spec"]["targets"][1]["name"] == "star"
+        else:
+            delta = method.erase(model, spec, method.config())
+        config = delta.config[method.parts[-1].name] if method.parts else delta.config
+        assert len(delta.tensors) >= 8 and config["spec"]["targets"][1]["name"] == "star", name
 
 
 def test_methods_on_the_testbed_find_its_layers():
