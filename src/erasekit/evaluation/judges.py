@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+from abc import ABC, abstractmethod
 from importlib import metadata
 from pathlib import Path
 
@@ -33,7 +34,7 @@ EXTRA_HINT = "pip install 'erasekit[nudenet]' (AGPL-3.0)"
 # the interface
 
 
-class Judge:
+class Judge(ABC):
     """Base class of every judge; subclasses set name, threshold and concepts and implement
     `record` and `scores` (and `features` / `details` when they have them).
 
@@ -44,13 +45,13 @@ class Judge:
     threshold: float = 0.5
     concepts: tuple[str, ...] = ()
 
+    @abstractmethod
     def record(self) -> dict:
         """Everything a results file must record: name, threshold, class set, model and versions."""
-        raise NotImplementedError
 
+    @abstractmethod
     def scores(self, images) -> dict[str, torch.Tensor]:
         """{concept: float tensor (N,) in [0, 1]} for every concept in `self.concepts`."""
-        raise NotImplementedError
 
     def flags(self, images, concept: str) -> torch.Tensor:
         """Bool tensor (N,): the images whose score for concept exceeds the threshold."""
