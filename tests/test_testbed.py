@@ -129,6 +129,24 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     assert record["config"]["steps"] == 4 and record["command"] == "test"
 
 
+def test_training_can_start_from_earlier_weights(tmp_path):
+    from erasekit.testbed.train import TrainConfig, load_initial_weights, train
+
+    first = train(TrainConfig(out=str(tmp_path / "first"), steps=2, batch_size=4, dataset_size=32, warmup=1),
+                  argv=["first"])
+    # lr 0: the second run's weights stay the ones it started from (its EMA restarts from them at step 0)
+    second = train(TrainConfig(out=str(tmp_path / "second"), steps=2, batch_size=4, dataset_size=32, lr=0.0,
+                               ema_from=1, min_snr_gamma=5, min_snr_offset=1, init_from=str(first)),
+                   argv=["second"])
+    a, b = load_initial_weights(first), load_initial_weights(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((second / "unet_training.json").read_text())
+    assert record["initialised_from"]["command"] == "first" and record["config"]["min_snr_offset"] == 1
+
+    with pytest.raises(UserError, match="no unet weights there"):
+        load_initial_weights(tmp_path / "nowhere")
+
+
 @pytest.mark.slow
 def test_a_few_hundred_training_steps_reduce_the_loss(tmp_path):
     from erasekit.testbed.train import TrainConfig, train

@@ -114,7 +114,8 @@ def cmd_testbed_train(args) -> None:
 
     cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                       checkpoint_every=args.checkpoint_every, min_snr_gamma=args.min_snr_gamma,
-                      min_snr_from=args.min_snr_from, ema_from=args.ema_from)
+                      min_snr_from=args.min_snr_from, min_snr_offset=args.min_snr_offset, ema_from=args.ema_from,
+                      lr=args.lr, warmup=args.warmup, init_from=args.init_from or "")
     train(cfg, resume=not args.restart, argv=["erasekit", *sys.argv[1:]])
 
 
@@ -185,11 +186,11 @@ def cmd_erase(args) -> None:
 def cmd_testbed_evaluate(args) -> None:
     from .checkpoint import atomic_write_text
     from .delta import Delta
-    from .model import load
+    from .model import load_testbed
     from .testbed.evaluate import attribute_accuracy, concept_report
     from .testbed.judge import load_judge
 
-    model, judge = load("testbed"), load_judge()
+    model, judge = load_testbed(args.weights), load_judge()
     deltas = [Delta.load(p) for p in args.delta or []]
     for delta in deltas:
         delta.check(model)
@@ -314,12 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR weighting of the loss (0: off)")
     p.add_argument("--min-snr-from", type=int, default=0, help="the step min-SNR weighting starts at")
+    p.add_argument("--min-snr-offset", type=float, default=0.0,
+                   help="added to the min-SNR weight; 1 keeps the high-noise steps in the loss")
     p.add_argument("--ema-from", type=int, default=0, help="restart the EMA (with a warm-up) at this step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (default 200)")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from these weights (a run's weights/ folder) instead of random ones")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     p.set_defaults(func=cmd_testbed_train)
 
     p = tsub.add_parser("evaluate", help="judge accuracy against the prompt per attribute and wording kind")
     p.add_argument("--samples", type=int, default=200, help="prompts per wording kind (default 200)")
+    p.add_argument("--weights", metavar="DIR",
+                   help="evaluate these weights (a `testbed train` run's weights/ folder) instead of the shipped ones")
     p.add_argument("--seed", type=int, default=1000, help="first seed of the prompt sets")
     p.add_argument("--steps", type=int, help="sampler steps (default: the testbed's)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the testbed's)")

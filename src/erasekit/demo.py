@@ -120,8 +120,7 @@ def evaluate_step(model, delta, delta_path: Path, concept: str, samples: int, ou
     from .evaluation.suites import load_suite
 
     suite = load_suite(f"testbed:{concept}", samples=samples)
-    settings = Settings(steps=model.sampler_defaults["steps"], guidance=model.sampler_defaults["guidance"],
-                        batch_size=64, dtype=str(model.dtype))
+    settings = Settings.for_model(model, batch_size=64)
     variants = [Variant("original"), Variant(f"{delta.method}", (delta,), (delta_path.name,))]
     print(f"measuring on {samples} prompts per set (target: canonical, synonym, held-out wording; preservation):")
     results = evaluate(model, variants, suite, get_judge("testbed"), out, settings, progress=False)
@@ -143,8 +142,7 @@ def attack_step(model, delta, delta_path: Path, concept: str, prompts: int, out:
     attack = attacks.get("unlearndiff")
     cfg = attacks.build_config(attack, {}, testbed=True)
     suite = load_suite(f"testbed:{concept}", samples=prompts)
-    settings = Settings(steps=model.sampler_defaults["steps"], guidance=model.sampler_defaults["guidance"],
-                        batch_size=64, dtype=str(model.dtype))
+    settings = Settings.for_model(model, batch_size=64)
     ctx = make_context(model, Variant(delta.method, (delta,), (delta_path.name,)), get_judge("testbed"),
                        suite.concepts, settings)
     results = run_attack(ctx, attack, cfg, suite, "target:canonical", out, progress=False)

@@ -328,12 +328,20 @@ def load(source: str | Path = "testbed", device: str | torch.device | None = Non
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quiet_libraries()
     if str(source) == "testbed":
-        from .testbed import SAMPLER_DEFAULTS, load_pipeline
-
-        pipe = load_pipeline()
-        return Model(pipe.to(device, dtype), "testbed", "testbed", SAMPLER_DEFAULTS)
+        return load_testbed(device=device, dtype=dtype)
     pipe = _load_folder(Path(source))
     return Model(pipe.to(device, dtype), str(source), Path(source).name)
+
+
+def load_testbed(weights: str | Path | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> Model:
+    """The testbed with its shipped denoiser, or with the one in weights (a `testbed train` run's weights/)."""
+    from .testbed import SAMPLER_DEFAULTS, load_pipeline
+
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quiet_libraries()
+    pipe = load_pipeline(Path(weights) if weights else None)
+    return Model(pipe.to(device, dtype), "testbed", "testbed", SAMPLER_DEFAULTS)
 
 
 def quiet_libraries() -> None:

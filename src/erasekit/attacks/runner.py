@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from ..checkpoint import atomic_write, atomic_write_text
 from ..errors import UserError
 from ..evaluation.cache import ImageCache, image_key
 from ..evaluation.protocol import check_run_dir, package_versions, weights_hash
-from ..evaluation.runner import Settings, Variant
+from ..evaluation.runner import Settings, Variant, sampling_batches
 from .common import AttackContext, seeded
 
 PROGRESS = "attack_progress.jsonl"
@@ -39,17 +40,12 @@ def target_set(suite, name: str | None):
 def _generate(ctx: AttackContext, cache: ImageCache, prompts, keys, deltas: bool) -> torch.Tensor:
     """Images for prompts (cached by key), from the erased model when deltas else the original."""
     todo = [i for i, k in enumerate(keys) if not cache.has(k)]
-    for guidance in sorted({ctx.settings.for_prompt(prompts[i])["guidance"] for i in todo}):
-        group = [i for i in todo if ctx.settings.for_prompt(prompts[i])["guidance"] == guidance]
-        for start in range(0, len(group), ctx.settings.batch_size):
-            chunk = group[start:start + ctx.settings.batch_size]
-            texts, seeds = [prompts[i].text for i in chunk], [prompts[i].seed for i in chunk]
-            if deltas:
-                with ctx.erased_model():
-                    images = ctx.generate(texts, seeds, guidance=guidance)
-            else:
-                images = ctx.generate(texts, seeds, guidance=guidance)
-            cache.put([keys[i] for i in chunk], images)
+    for guidance, batch in sampling_batches([prompts[i] for i in todo], ctx.settings):
+        chunk = [todo[j] for j in batch]
+        texts, seeds = [prompts[i].text for i in chunk], [prompts[i].seed for i in chunk]
+        with ctx.erased_model() if deltas else nullcontext():
+            images = ctx.generate(texts, seeds, guidance=guidance)
+        cache.put([keys[i] for i in chunk], images)
     return cache.get(keys)
 
 

@@ -76,10 +76,9 @@ def build_run(args):
     for variant in variants:
         for delta in variant.deltas:
             delta.check(model)
-    steps = args.steps or model.sampler_defaults["steps"]
-    guidance = model.sampler_defaults["guidance"] if args.guidance is None else args.guidance
-    settings = Settings(steps=steps, guidance=guidance, negative_prompt=args.negative_prompt,
-                        batch_size=args.batch_size, dtype=str(model.dtype))
+    overrides = {"steps": args.steps or None, "guidance": args.guidance}
+    settings = Settings.for_model(model, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
+                                  **{k: v for k, v in overrides.items() if v is not None})
     return model, variants, suite, judge, settings
 
 

@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import inspect
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -66,6 +67,11 @@ class Judge(ABC):
         """Per image, a JSON-safe dict of extra detail (empty by default)."""
         return [{} for _ in range(as_images(images).shape[0])]
 
+    def assess(self, images) -> Assessment:
+        """Scores, details and features of one batch together; judges whose three share one network pass
+        override this so that a measurement runs the network once per batch."""
+        return Assessment(self.scores(images), self.details(images), self.features(images))
+
     def check_concept(self, concept: str) -> None:
         """Raise a UserError unless this judge can judge concept."""
         if concept not in self.concepts:
@@ -73,6 +79,16 @@ class Judge(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, threshold={self.threshold})"
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Everything a judge says about one batch: `scores` {concept: (N,)}, `details` (one dict per image)
+    and `features` ((N, D) or None)."""
+
+    scores: dict[str, torch.Tensor]
+    details: list[dict]
+    features: torch.Tensor | None
 
 
 def as_images(images) -> torch.Tensor:
@@ -179,8 +195,7 @@ class TestbedJudgeAdapter(Judge):
 
     def scores(self, images) -> dict[str, torch.Tensor]:
         """{value: probability (N,)} for every value of every attribute."""
-        probs, _ = self._forward(images)
-        return {v: probs[a][:, i] for a, vs in self.values.items() for i, v in enumerate(vs)}
+        return self._scores(self._forward(images)[0])
 
     def features(self, images) -> torch.Tensor:
         """The classifier's penultimate features (N, feature_dim)."""
@@ -188,7 +203,17 @@ class TestbedJudgeAdapter(Judge):
 
     def details(self, images) -> list[dict]:
         """Per image, {attribute: predicted value} (the most probable value of each head)."""
-        probs, _ = self._forward(images)
+        return self._details(self._forward(images)[0])
+
+    def assess(self, images) -> Assessment:
+        """Scores, details and features from one pass of the classifier."""
+        probs, feats = self._forward(images)
+        return Assessment(self._scores(probs), self._details(probs), feats)
+
+    def _scores(self, probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {v: probs[a][:, i] for a, vs in self.values.items() for i, v in enumerate(vs)}
+
+    def _details(self, probs: dict[str, torch.Tensor]) -> list[dict]:
         index = {a: p.argmax(dim=1).tolist() for a, p in probs.items()}
         n = next(iter(probs.values())).shape[0]
         return [{a: self.values[a][index[a][i]] for a in self.values} for i in range(n)]

@@ -94,12 +94,12 @@ def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Pa
             images = cache.get([i.key for i in items])
             size = tuple(images.shape[-2:])
             prompts = [i.prompt for i in items]
-            flags = _flags(judge.scores(images), prompts, suite.concepts, judge.threshold)
+            verdict = judge.assess(images)
+            flags = _flags(verdict.scores, prompts, suite.concepts, judge.threshold)
             entry = {"role": pset.role, "n": len(items), "flagged_rate": _r(np.mean([f for f, _ in flags]))}
             if pset.role == "target":
                 entry["target_rate"] = entry["flagged_rate"]
-            details = judge.details(images)
-            acc = _accuracy(details, prompts)
+            acc = _accuracy(verdict.details, prompts)
             if acc is not None:
                 entry["accuracy_per_attribute"] = {a: _r(v) for a, v in acc.items()}
                 entry["accuracy"] = _r(np.mean(list(acc.values())))
@@ -107,7 +107,7 @@ def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Pa
                 entry["exposed_parts"] = int(sum(judge.exposed_parts(images)))
             if clip_score is not None:
                 entry["clip_score"] = _r(clip_score(images, [p.text for p in prompts]), 3)
-            f = judge.features(images)
+            f = verdict.features
             if f is not None and (pset.role == "preservation" or not any(s.role == "preservation"
                                                                        for s in suite.sets)):
                 feats.append(f.detach().float().cpu())

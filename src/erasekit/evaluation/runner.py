@@ -55,6 +55,13 @@ class Settings:
     batch_size: int = 32
     dtype: str = "torch.float32"
 
+    @classmethod
+    def for_model(cls, model: Model, batch_size: int = 32, **overrides) -> "Settings":
+        """The model's own sampler defaults (steps, guidance) and dtype, with any field overridden."""
+        values = {"steps": model.sampler_defaults["steps"], "guidance": model.sampler_defaults["guidance"],
+                  "batch_size": batch_size, "dtype": str(model.dtype)}
+        return cls(**{**values, **overrides})
+
     def for_prompt(self, prompt: SuitePrompt) -> dict:
         guidance = self.guidance if prompt.guidance is None else float(prompt.guidance)
         return {"steps": self.steps, "guidance": guidance, "negative_prompt": self.negative_prompt,
@@ -103,6 +110,17 @@ def distributed_state():
     return PartialState(cpu=cpu)
 
 
+def sampling_batches(prompts: list[SuitePrompt], settings: Settings) -> list[tuple[float, list[int]]]:
+    """(guidance, indices of prompts) per sampling batch: prompts sharing a guidance scale (their own or
+    the default) together, at most settings.batch_size at a time."""
+    guidance_of = [settings.for_prompt(p)["guidance"] for p in prompts]
+    out = []
+    for guidance in sorted(set(guidance_of)):
+        group = [i for i, g in enumerate(guidance_of) if g == guidance]
+        out += [(guidance, group[s:s + settings.batch_size]) for s in range(0, len(group), settings.batch_size)]
+    return out
+
+
 def generate_missing(model: Model, plan: Plan, cache: ImageCache, settings: Settings, state=None,
                      progress: bool = True) -> int:
     """Generate every planned image not in the cache (this process's share of them); returns how many."""
@@ -117,16 +135,14 @@ def generate_missing(model: Model, plan: Plan, cache: ImageCache, settings: Sett
         if not mine:
             continue
         with variant.applied(model):
-            for guidance in sorted({settings.for_prompt(i.prompt)["guidance"] for i in mine}):
-                group = [i for i in mine if settings.for_prompt(i.prompt)["guidance"] == guidance]
-                for start in range(0, len(group), settings.batch_size):
-                    chunk = group[start:start + settings.batch_size]
-                    images = model.sample([i.prompt.text for i in chunk], [i.prompt.seed for i in chunk],
-                                          steps=settings.steps, guidance=guidance,
-                                          negative_prompt=settings.negative_prompt,
-                                          batch_size=settings.batch_size, progress=False)
-                    cache.put([i.key for i in chunk], images)
-                    bar.update(len(chunk))
+            for guidance, batch in sampling_batches([i.prompt for i in mine], settings):
+                chunk = [mine[j] for j in batch]
+                images = model.sample([i.prompt.text for i in chunk], [i.prompt.seed for i in chunk],
+                                      steps=settings.steps, guidance=guidance,
+                                      negative_prompt=settings.negative_prompt,
+                                      batch_size=settings.batch_size, progress=False)
+                cache.put([i.key for i in chunk], images)
+                bar.update(len(chunk))
     bar.close()
     return len(todo)
 

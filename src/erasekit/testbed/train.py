@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..errors import UserError
 from .architecture import RESOLUTION, SCHEDULER_CONFIG, build_unet
 from .text import MAX_LENGTH, load_text_encoder
 from .world import caption, random_scene, render
@@ -43,9 +44,16 @@ class TrainConfig:
     # x0 loss is dominated by high noise and left shape outlines unlearned (they are decided at mid noise).
     min_snr_gamma: float = 0.0
     min_snr_from: int = 0
+    # Added to the min-SNR weight: min(SNR, gamma) + offset. Min-SNR alone gives the high-noise steps, where
+    # the text alone must decide the outline, almost no weight: a model trained so predicted the same blob
+    # for every shape word from pure noise, and the seed then chose the outline. An offset of 1 keeps them.
+    min_snr_offset: float = 0.0
     # The EMA restarts from the current weights at this step, with a warm-up (decay min(ema_decay,
     # (1 + n) / (10 + n)) after n steps), so no early weights linger in it.
     ema_from: int = 0
+    # Start from these weights (a folder holding unet/, or the unet folder itself) instead of random ones;
+    # their own training record is kept in this run's record.
+    init_from: str = ""
 
 
 def render_dataset(seed: int, n: int, resolution: int = RESOLUTION):
@@ -98,7 +106,10 @@ def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) 
     data = to_model_space(images)
     tokenizer, encoder = load_text_encoder()
     encoder.to(device)
-    unet = build_unet().to(device).train()
+    unet = build_unet()
+    if cfg.init_from:
+        unet.load_state_dict(load_initial_weights(Path(cfg.init_from)))
+    unet = unet.to(device).train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
@@ -133,7 +144,7 @@ def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) 
         per_sample = (pred - x0).pow(2).mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma > 0 and step >= cfg.min_snr_from:
             snr = alphas[t] / (1 - alphas[t])
-            per_sample = per_sample * snr.clamp(max=cfg.min_snr_gamma)
+            per_sample = per_sample * (snr.clamp(max=cfg.min_snr_gamma) + cfg.min_snr_offset)
         loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,6 +172,30 @@ def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) 
     return export_weights(cfg, ema, time.time() - t0, argv)
 
 
+def unet_folder(path: Path) -> Path:
+    """The diffusers unet folder at path or at path/unet."""
+    for candidate in (path, path / "unet"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"--init-from {path}: no unet weights there (expected {path}/unet/config.json); "
+                    "pass a folder written by `erasekit testbed train` (its weights/ folder)")
+
+
+def load_initial_weights(path: Path) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(unet_folder(path), torch_dtype=torch.float32)
+    return unet.state_dict()
+
+
+def initial_record(path: str) -> dict | None:
+    """The training record of the weights a run started from, if they have one."""
+    if not path:
+        return None
+    record = unet_folder(Path(path)).parent / "unet_training.json"
+    return json.loads(record.read_text()) if record.is_file() else {"weights": str(path)}
+
+
 def export_weights(cfg: TrainConfig, ema: dict[str, torch.Tensor], wall_s: float, argv: list[str] | None) -> Path:
     """Write the EMA denoiser in fp16 as a diffusers folder with the training record beside it."""
     unet = build_unet()
@@ -175,6 +210,8 @@ def export_weights(cfg: TrainConfig, ema: dict[str, torch.Tensor], wall_s: float
         "torch": torch.__version__,
         "parameters": sum(p.numel() for p in unet.parameters()),
     }
+    if cfg.init_from:
+        record["initialised_from"] = initial_record(cfg.init_from)
     atomic_write_text(target / "unet_training.json", json.dumps(record, indent=2) + "\n")
     print(f"wrote {target}", flush=True)
     return target
