@@ -46,7 +46,7 @@ def erasekit_loop(model, iterations: int, n: int) -> list[float]:
         for i in range(iterations):
             k, noise = draws(i, n, model.latent_shape)
             x_t, t = frozen.rollout(cond, uncond, noise * model.scheduler.init_noise_sigma, n, k, 3.0)
-            e0, ec = frozen.raw(x_t, t, uncond), frozen.raw(x_t, t, cond)
+            e0, ec = frozen.pair(x_t, t, cond, uncond)
             loss = torch.nn.functional.mse_loss(model.raw(x_t, t, cond), e0 - (ec - e0))
             opt.zero_grad()
             loss.backward()

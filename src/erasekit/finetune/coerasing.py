@@ -95,7 +95,7 @@ class CoErasingLoss(esd.ESDLoss):
         x_t, t = self.frozen.rollout(c, self.uncond, noise, cfg.sampler_steps, k, cfg.guidance)
         joint = torch.cat([c, self.image_tokens[j:j + 1]], dim=1)
         uncond = torch.cat([self.uncond, torch.zeros_like(self.image_tokens[j:j + 1])], dim=1)
-        e0, ec = self.frozen.raw(x_t, t, uncond), self.frozen.raw(x_t, t, joint)
+        e0, ec = self.frozen.pair(x_t, t, joint, uncond)
         target = e0 - cfg.eta * (ec - e0)
         loss = torch.nn.functional.mse_loss(m.raw(x_t, t, joint).float(), target.float())
         return loss, {"k": k}

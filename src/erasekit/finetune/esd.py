@@ -46,7 +46,7 @@ class ESDLoss:
         noise = torch.randn(m.latent_shape, generator=gen)[None].to(m.device, m.dtype) * m.scheduler.init_noise_sigma
         c = self.cond[i:i + 1]
         x_t, t = self.frozen.rollout(c, self.uncond, noise, cfg.sampler_steps, k, cfg.guidance)
-        e0, ec = self.frozen.raw(x_t, t, self.uncond), self.frozen.raw(x_t, t, c)
+        e0, ec = self.frozen.pair(x_t, t, c, self.uncond)
         target = e0 - cfg.eta * (ec - e0)
         loss = torch.nn.functional.mse_loss(m.raw(x_t, t, c).float(), target.float())
         return loss, {"k": k}

@@ -67,9 +67,17 @@ class Frozen:
         return functional_call(m.unet, self.values, (x_t.to(m.dtype), t, emb.to(m.dtype))).sample
 
     @torch.no_grad()
+    def pair(self, x_t, t, emb, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unconditional, conditional) raw outputs from one batched call, as a pipeline's guidance does."""
+        n = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        t2 = t.expand(n).repeat(2) if t.ndim == 0 else t.repeat(2)
+        both = self.raw(torch.cat([x_t, x_t]), t2, torch.cat([uncond.expand(n, -1, -1), emb.expand(n, -1, -1)]))
+        return both[:n], both[n:]
+
+    @torch.no_grad()
     def guided(self, x_t, t, emb, guidance: float, uncond: torch.Tensor) -> torch.Tensor:
-        u = self.raw(x_t, t, uncond.expand(x_t.shape[0], -1, -1))
-        c = self.raw(x_t, t, emb)
+        u, c = self.pair(x_t, t, emb, uncond)
         return u + guidance * (c - u)
 
     @torch.no_grad()
