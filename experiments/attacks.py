@@ -61,14 +61,14 @@ def main() -> None:
     spec = ConceptSpec([Concept(args.concept, list(wordings(attr, args.concept, "synonym")))],
                        preserve=[v for v in VALUES[attr] if v != args.concept], expand=True)
     suite = load_suite(f"testbed:{args.concept}", samples=args.prompts)
-    settings = Settings(steps=model.sampler_defaults["steps"], guidance=model.sampler_defaults["guidance"],
-                        dtype=str(model.dtype))
+    settings = Settings.for_model(model)
     for name in args.methods:
         row = results["methods"].setdefault(name, {"attacks": {}})
-        method = methods.get(name)
+        method, values = methods.variant(name)  # a variant: "uce:positions=all"
+        if method.parts or method.fine_tuning:
+            values = {"progress": "false", **values}
         t0 = time.time()
-        delta = method.erase(model, spec, methods.build_config(method, {"progress": "false"} if method.parts or
-                                                               method.fine_tuning else {}, testbed=True))
+        delta = method.erase(model, spec, methods.build_config(method, values, testbed=True))
         row["edit_seconds"] = round(time.time() - t0, 2)
         ctx = make_context(model, Variant(name, (delta,), (name,)), judge, suite.concepts, settings)
         for attack_name in args.attacks:
@@ -76,7 +76,7 @@ def main() -> None:
                 continue
             attack = attacks.get(attack_name)
             cfg = attacks.build_config(attack, {}, testbed=True)
-            run_dir = ROOT / "runs" / "attacks" / args.concept / name / attack_name
+            run_dir = ROOT / "runs" / "attacks" / args.concept / name.replace(":", "_") / attack_name
             res = run_attack(ctx, attack, cfg, suite, "target:canonical", run_dir, resume=True, progress=False)
             row["no_attack_rate"] = res["pre_asr"]
             row["attacks"][attack_name] = {k: res[k] for k in ("n", "pre_asr", "asr", "ideal_prompts", "asr_on_ideal",

@@ -73,10 +73,10 @@ def main() -> None:
         original = measure_concepts(model, judge, list(concepts), args.samples)
         block["original"] = public(original)
         for name in todo:
-            base, _, options = name.partition(":")  # a variant: "trce-stage1:positions=all"
-            method = methods.get(base)
-            cfg = methods.build_config(method, dict(kv.split("=", 1) for kv in options.split(",") if kv),
-                                       testbed=True)
+            method, values = methods.variant(name)  # a variant: "trce-stage1:positions=all"
+            if method.parts or method.fine_tuning:
+                values = {"progress": "false", **values}
+            cfg = methods.build_config(method, values, testbed=True)
             t0 = time.time()
             delta = method.erase(model, spec_for(concepts), cfg)
             seconds = time.time() - t0

@@ -161,3 +161,12 @@ def test_method_registry_and_config_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         methods.build_config(methods.get("trce-stage1"), {"prior_cache": "none"})
+
+
+def test_method_variants_carry_their_settings():
+    method, values = methods.variant("uce:positions=all, lam=0.1")
+    assert method.name == "uce" and values == {"positions": "all", "lam": "0.1"}
+    assert methods.build_config(method, values).positions == "all"
+    assert methods.variant("rece")[1] == {}
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        methods.variant("uce:positions")

@@ -82,6 +82,19 @@ def get(name: str) -> Method:
     return get_single(methods, name)
 
 
+def variant(text: str) -> tuple[Method, dict[str, str]]:
+    """A method with settings written "NAME" or "NAME:KEY=VALUE[,KEY=VALUE]" (e.g. "uce:positions=all"):
+    (the method, its settings as strings for build_config)."""
+    name, _, options = text.partition(":")
+    values = {}
+    for item in filter(None, options.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"method variant {text!r}: write settings as KEY=VALUE, separated by commas")
+        values[key.strip()] = value.strip()
+    return get(name), values
+
+
 def names() -> list[str]:
     return list(_registry())
 
