@@ -26,6 +26,9 @@ def load_text_encoder():
     the attention mask passed to the encoder (config.use_attention_mask), eval mode, frozen."""
     from transformers import BertModel, BertTokenizerFast
 
+    from ..model import quiet_libraries
+
+    quiet_libraries()
     path = encoder_dir()
     tokenizer = BertTokenizerFast.from_pretrained(path, model_max_length=MAX_LENGTH)
     encoder = BertModel.from_pretrained(path, add_pooling_layer=False)
