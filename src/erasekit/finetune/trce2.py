@@ -81,7 +81,7 @@ class TRCEStage2Loss:
         self.cache = TrajectoryCache(model, cfg, original)
 
     def _guided_ref(self, z, t, c):
-        u, x = self.ref.raw(z, t, self.empty), self.ref.raw(z, t, c)
+        u, x = self.ref.pair(z, t, c, self.empty)
         return x + self.cfg.beta * (x - u)
 
     def __call__(self, step: int, gen: torch.Generator):
