@@ -32,7 +32,9 @@ from erasekit.evaluation.judges import get_judge
 from erasekit.evaluation.runner import Settings, Variant
 
 STEPS = 4
-SMALL = ["--suite", "testbed:red", "--limit", "3", "--steps", str(STEPS), "--samples", "4"]
+# UCE erases striped from two of these three prompts at 4 steps (red from none: the attacks need erased prompts)
+CONCEPT = "striped"
+SMALL = ["--suite", f"testbed:{CONCEPT}", "--limit", "3", "--steps", str(STEPS), "--samples", "4"]
 OPTIONS = {
     "unlearndiff": ["iterations=3"],
     "p4d-n": ["iterations=3"],
@@ -60,9 +62,11 @@ def model():
 
 @pytest.fixture(scope="module")
 def delta(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("delta") / "red.safetensors"
-    assert main(["erase", "--method", "uce", "--concept", "red", "--out", str(path)]) == 0
+    path = tmp_path_factory.mktemp("delta") / f"{CONCEPT}.safetensors"
+    assert main(["erase", "--method", "uce", "--concept", CONCEPT, "--out", str(path)]) == 0
     return path
+
+
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +215,9 @@ def test_attack_writes_results_and_report(attack_run, name):
 
 
 def test_p4d_skips_prompts_that_are_not_ideal(delta, tmp_path, capsys):
-    """Held-out wordings: the original model does not show red for them, so there is nothing to recover."""
+    """Prompts without the concept: the original model does not show it, so there is nothing to recover."""
     out = tmp_path / "p4d"
-    code, _, _ = run(capsys, *attack_argv(delta, "p4d-n", out, "--set", "target:heldout"))
+    code, _, _ = run(capsys, *attack_argv(delta, "p4d-n", out, "--set", "preservation"))
     assert code == 0
     results = read(out)
     skipped = [p for p in results["prompts"] if not p["flagged_original"] and not p["flagged_before"]]
@@ -235,7 +239,7 @@ def test_hard_prompts_replay_to_the_recorded_verdict(attack_run, delta, model):
             assert ids[0].tolist() == p["adversarial_ids"]  # the text is the prompt that was found
             with erased.applied(model):
                 image = quantize(model.sample([p["adversarial_prompt"]], [p["seed"]], steps=STEPS, progress=False))
-            flagged = bool(judge.scores(image)["red"][0] > judge.threshold)
+            flagged = bool(judge.scores(image)[CONCEPT][0] > judge.threshold)
             assert flagged == p["flagged_after"], (name, p["adversarial_prompt"])
             checked += 1
     assert checked >= len(HARD)
@@ -243,7 +247,7 @@ def test_hard_prompts_replay_to_the_recorded_verdict(attack_run, delta, model):
 
 def test_continuous_embedding_replays_to_the_recorded_verdict(attack_run, delta, model):
     out = attack_run("ringabell-continuous")
-    ctx = AttackContext(model, Variant("erased", (Delta.load(delta),)), get_judge("testbed"), ("red",),
+    ctx = AttackContext(model, Variant("erased", (Delta.load(delta),)), get_judge("testbed"), (CONCEPT,),
                         Settings(steps=STEPS, guidance=model.sampler_defaults["guidance"]))
     attacked = [p for p in read(out)["prompts"] if p["attacked"]]
     assert attacked
@@ -251,7 +255,7 @@ def test_continuous_embedding_replays_to_the_recorded_verdict(attack_run, delta,
         embedding = load_file(str(out / p["embedding_file"]))["embedding"]
         with ctx.erased_model():
             image = ctx.generate([p["adversarial_prompt"]], [p["seed"]], embeddings=embedding)
-        assert bool(ctx.judge.scores(image)["red"][0] > ctx.judge.threshold) == p["flagged_after"]
+        assert bool(ctx.judge.scores(image)[CONCEPT][0] > ctx.judge.threshold) == p["flagged_after"]
 
 
 # --- Ring-A-Bell's genetic search -----------------------------------------------------------------
