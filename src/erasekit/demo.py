@@ -20,7 +20,7 @@ DEMO_PROMPTS = [
     ("a solid purple cross on a white background", "a opaque lilac crucifix on a snowy backdrop"),
 ]
 SEEDS = (0, 1)
-ATTACK_PROMPTS = 6
+ATTACK_PROMPTS = 2  # attacked prompts: each attacked one costs about 10 s on a 2-core CPU
 
 
 def _check_out(out: Path) -> bool:
@@ -30,7 +30,7 @@ def _check_out(out: Path) -> bool:
     return out.exists()
 
 
-def run_demo(out: str | Path = "erasekit-demo", samples: int = 16, concept: str = "red",
+def run_demo(out: str | Path = "erasekit-demo", samples: int = 12, concept: str = "red",
              method: str = "uce", attack_prompts: int = ATTACK_PROMPTS) -> Path:
     from . import load
     from .testbed.evaluate import accuracy, attribute_prompts, generate, judge_verdicts
