@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole story on the built-in testbed: generate, judge, erase, measure")
     p.add_argument("--out", default="erasekit-demo", help="output folder (default erasekit-demo)")
-    p.add_argument("--samples", type=int, default=12, help="prompts per wording kind and per prompt set")
+    p.add_argument("--samples", type=int, default=10, help="prompts per wording kind and per prompt set")
     p.add_argument("--concept", default="red", help="the testbed concept the demo erases (default red)")
     p.add_argument("--method", default="uce", help="the closed-form method the demo erases with (default uce)")
     p.set_defaults(func=cmd_demo)

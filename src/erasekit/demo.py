@@ -30,7 +30,7 @@ def _check_out(out: Path) -> bool:
     return out.exists()
 
 
-def run_demo(out: str | Path = "erasekit-demo", samples: int = 12, concept: str = "red",
+def run_demo(out: str | Path = "erasekit-demo", samples: int = 10, concept: str = "red",
              method: str = "uce", attack_prompts: int = ATTACK_PROMPTS) -> Path:
     from . import load
     from .testbed.evaluate import accuracy, attribute_prompts, generate, judge_verdicts
