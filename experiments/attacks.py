@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from variants import testbed_method
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("uce", "rece", "erasepro", "trce-stage1")
 ATTACKS = ("unlearndiff", "p4d-n", "ringabell")
@@ -34,7 +36,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     import erasekit
-    from erasekit import attacks, methods
+    from erasekit import attacks
     from erasekit.attacks.runner import make_context, run_attack
     from erasekit.checkpoint import atomic_write_text
     from erasekit.concepts import Concept, ConceptSpec
@@ -64,11 +66,9 @@ def main() -> None:
     settings = Settings.for_model(model)
     for name in args.methods:
         row = results["methods"].setdefault(name, {"attacks": {}})
-        method, values = methods.variant(name)  # a variant: "uce:positions=all"
-        if method.parts or method.fine_tuning:
-            values = {"progress": "false", **values}
+        method, cfg = testbed_method(name)  # a variant: "uce:positions=all"
         t0 = time.time()
-        delta = method.erase(model, spec, methods.build_config(method, values, testbed=True))
+        delta = method.erase(model, spec, cfg)
         row["edit_seconds"] = round(time.time() - t0, 2)
         ctx = make_context(model, Variant(name, (delta,), (name,)), judge, suite.concepts, settings)
         for attack_name in args.attacks:

@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from variants import testbed_method
+
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPT_SETS = (("circle",), ("striped",), ("red",), ("grass",), ("red", "striped"))
 METHODS = ("uce", "rece", "erasepro", "trce-stage1")
@@ -46,7 +48,6 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     import erasekit
-    from erasekit import methods
     from erasekit.checkpoint import atomic_write_text
     from erasekit.testbed.evaluate import concept_report, measure_concepts, public
     from erasekit.testbed.judge import load_judge
@@ -73,10 +74,7 @@ def main() -> None:
         original = measure_concepts(model, judge, list(concepts), args.samples)
         block["original"] = public(original)
         for name in todo:
-            method, values = methods.variant(name)  # a variant: "trce-stage1:positions=all"
-            if method.parts or method.fine_tuning:
-                values = {"progress": "false", **values}
-            cfg = methods.build_config(method, values, testbed=True)
+            method, cfg = testbed_method(name)  # a variant: "trce-stage1:positions=all"
             t0 = time.time()
             delta = method.erase(model, spec_for(concepts), cfg)
             seconds = time.time() - t0

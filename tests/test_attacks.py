@@ -67,8 +67,6 @@ def delta(tmp_path_factory) -> Path:
     return path
 
 
-
-
 @pytest.fixture(scope="module")
 def attack_run(delta, tmp_path_factory):
     """The output folder of one attack run through the command line, made once per module."""

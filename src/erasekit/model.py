@@ -216,10 +216,7 @@ class Model:
         """Raw output with classifier-free guidance: u + g (c - u); no guidance when g is None or <= 1."""
         if guidance is None or guidance <= 1.0 or uncond is None:
             return self.raw(x_t, t, emb)
-        t = torch.as_tensor(t, device=x_t.device)
-        t2 = t.expand(x_t.shape[0]).repeat(2) if t.ndim == 0 else t.repeat(2)
-        uncond = uncond.expand(emb.shape[0], -1, -1) if uncond.shape[0] == 1 else uncond
-        out_u, out_c = self.raw(torch.cat([x_t, x_t]), t2, torch.cat([uncond, emb])).chunk(2)
+        out_u, out_c = self.raw(*guidance_batch(x_t, t, emb, uncond)).chunk(2)
         return out_u + guidance * (out_c - out_u)
 
     def convert(self, x_t: torch.Tensor, t, out: torch.Tensor) -> Prediction:
@@ -322,15 +319,28 @@ def split_key(name: str) -> tuple[str, str]:
     return "unet", name
 
 
+def guidance_batch(x_t: torch.Tensor, t, emb: torch.Tensor, uncond: torch.Tensor):
+    """(x, t, embeddings) of one batch of 2N whose outputs are the N unconditional then the N conditional
+    ones; uncond may hold one row for all."""
+    n = x_t.shape[0]
+    t = torch.as_tensor(t, device=x_t.device)
+    t2 = t.expand(n).repeat(2) if t.ndim == 0 else t.repeat(2)
+    return torch.cat([x_t, x_t]), t2, torch.cat([uncond.expand(n, -1, -1), emb.expand(n, -1, -1)])
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """The device asked for, else CUDA when present, else the CPU."""
+    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load(source: str | Path = "testbed", device: str | torch.device | None = None,
          dtype: torch.dtype = torch.float32) -> Model:
     """Load a model: "testbed" (the built-in miniature model) or a local diffusers pipeline folder."""
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quiet_libraries()
     if str(source) == "testbed":
         return load_testbed(device=device, dtype=dtype)
+    quiet_libraries()
     pipe = _load_folder(Path(source))
-    return Model(pipe.to(device, dtype), str(source), Path(source).name)
+    return Model(pipe.to(_device(device), dtype), str(source), Path(source).name)
 
 
 def load_testbed(weights: str | Path | None = None, device: str | torch.device | None = None,
@@ -338,10 +348,9 @@ def load_testbed(weights: str | Path | None = None, device: str | torch.device |
     """The testbed with its shipped denoiser, or with the one in weights (a `testbed train` run's weights/)."""
     from .testbed import SAMPLER_DEFAULTS, load_pipeline
 
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quiet_libraries()
     pipe = load_pipeline(Path(weights) if weights else None)
-    return Model(pipe.to(device, dtype), "testbed", "testbed", SAMPLER_DEFAULTS)
+    return Model(pipe.to(_device(device), dtype), "testbed", "testbed", SAMPLER_DEFAULTS)
 
 
 def quiet_libraries() -> None:

@@ -56,7 +56,7 @@ class Settings:
     dtype: str = "torch.float32"
 
     @classmethod
-    def for_model(cls, model: Model, batch_size: int = 32, **overrides) -> "Settings":
+    def for_model(cls, model: Model, batch_size: int = 32, **overrides) -> Settings:
         """The model's own sampler defaults (steps, guidance) and dtype, with any field overridden."""
         values = {"steps": model.sampler_defaults["steps"], "guidance": model.sampler_defaults["guidance"],
                   "batch_size": batch_size, "dtype": str(model.dtype)}

@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 
 from ..errors import UserError
-from ..model import Model
+from ..model import Model, guidance_batch
 
 # ESD's parameter sets and TRCE stage 2's, as regular expressions over the UNet's parameter names.
 PARAMETER_SETS = {
@@ -69,11 +69,7 @@ class Frozen:
     @torch.no_grad()
     def pair(self, x_t, t, emb, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(unconditional, conditional) raw outputs from one batched call, as a pipeline's guidance does."""
-        n = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device)
-        t2 = t.expand(n).repeat(2) if t.ndim == 0 else t.repeat(2)
-        both = self.raw(torch.cat([x_t, x_t]), t2, torch.cat([uncond.expand(n, -1, -1), emb.expand(n, -1, -1)]))
-        return both[:n], both[n:]
+        return self.raw(*guidance_batch(x_t, t, emb, uncond)).chunk(2)
 
     @torch.no_grad()
     def guided(self, x_t, t, emb, guidance: float, uncond: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     log_every: int = 25
     resolution: int = RESOLUTION
-    # Min-SNR weighting of the x0 loss (weight min(SNR, gamma)) from step min_snr_from on; 0 = off. Uniform
-    # x0 loss is dominated by high noise and left shape outlines unlearned (they are decided at mid noise).
+    # Min-SNR weighting of the x0 loss (weight min(SNR, gamma)) from step min_snr_from on; 0 = off. With a
+    # uniform x0 loss the images stayed soft-edged; the weighting sharpens edges (low-noise steps weigh more).
     min_snr_gamma: float = 0.0
     min_snr_from: int = 0
     # Added to the min-SNR weight: min(SNR, gamma) + offset. Min-SNR alone gives the high-noise steps, where
@@ -49,7 +49,7 @@ class TrainConfig:
     # for every shape word from pure noise, and the seed then chose the outline. An offset of 1 keeps them.
     min_snr_offset: float = 0.0
     # The EMA restarts from the current weights at this step, with a warm-up (decay min(ema_decay,
-    # (1 + n) / (10 + n)) after n steps), so no early weights linger in it.
+    # n / (10 + n)) n steps after it), so no early weights linger in it.
     ema_from: int = 0
     # Start from these weights (a folder holding unet/, or the unet folder itself) instead of random ones;
     # their own training record is kept in this run's record.
@@ -78,9 +78,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def ema_decay_at(step: int, cfg: TrainConfig) -> float:
     """The EMA decay at a step: 0 at ema_from (the EMA restarts from the weights), then warming up."""
-    if cfg.ema_from <= 0:
-        return cfg.ema_decay
-    if step < cfg.ema_from:
+    if cfg.ema_from <= 0 or step < cfg.ema_from:
         return cfg.ema_decay
     n = step - cfg.ema_from
     return min(cfg.ema_decay, n / (10 + n))
@@ -188,10 +186,8 @@ def load_initial_weights(path: Path) -> dict[str, torch.Tensor]:
     return unet.state_dict()
 
 
-def initial_record(path: str) -> dict | None:
-    """The training record of the weights a run started from, if they have one."""
-    if not path:
-        return None
+def initial_record(path: str) -> dict:
+    """The training record of the weights a run started from, or their path when they have none."""
     record = unet_folder(Path(path)).parent / "unet_training.json"
     return json.loads(record.read_text()) if record.is_file() else {"weights": str(path)}
 
