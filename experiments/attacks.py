@@ -39,12 +39,10 @@ def main() -> None:
     from erasekit import attacks
     from erasekit.attacks.runner import make_context, run_attack
     from erasekit.checkpoint import atomic_write_text
-    from erasekit.concepts import Concept, ConceptSpec
     from erasekit.evaluation.judges import get_judge
     from erasekit.evaluation.runner import Settings, Variant
     from erasekit.evaluation.suites import load_suite
-    from erasekit.testbed.prompts import attribute_of
-    from erasekit.testbed.world import VALUES, wordings
+    from erasekit.testbed.spec import erasure_spec
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--concept", default="star")
@@ -59,9 +57,7 @@ def main() -> None:
     if (results["concept"], results["prompts"]) != (args.concept, args.prompts):
         raise SystemExit(f"{out} holds another run: use another --out")
     model, judge = erasekit.load("testbed"), get_judge("testbed")
-    attr = attribute_of(args.concept)
-    spec = ConceptSpec([Concept(args.concept, list(wordings(attr, args.concept, "synonym")))],
-                       preserve=[v for v in VALUES[attr] if v != args.concept], expand=True)
+    spec = erasure_spec([args.concept])
     suite = load_suite(f"testbed:{args.concept}", samples=args.prompts)
     settings = Settings.for_model(model)
     for name in args.methods:

@@ -20,16 +20,6 @@ CONCEPT_SETS = (("circle",), ("striped",), ("red",), ("grass",), ("red", "stripe
 METHODS = ("uce", "rece", "erasepro", "trce-stage1")
 
 
-def spec_for(concepts):
-    from erasekit.concepts import Concept, ConceptSpec
-    from erasekit.testbed.prompts import attribute_of
-    from erasekit.testbed.world import VALUES, wordings
-
-    targets = [Concept(c, list(wordings(attribute_of(c), c, "synonym"))) for c in concepts]
-    preserve = sorted({v for c in concepts for v in VALUES[attribute_of(c)] if v not in concepts})
-    return ConceptSpec(targets, preserve=preserve, expand=True)
-
-
 def markdown(results: dict) -> str:
     lines = ["| concepts | method | canonical | synonym | held-out | preservation acc. | FID_gen (judge) | edit s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -51,6 +41,7 @@ def main() -> None:
     from erasekit.checkpoint import atomic_write_text
     from erasekit.testbed.evaluate import concept_report, measure_concepts, public
     from erasekit.testbed.judge import load_judge
+    from erasekit.testbed.spec import erasure_spec
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=100)
@@ -76,7 +67,7 @@ def main() -> None:
         for name in todo:
             method, cfg = testbed_method(name)  # a variant: "trce-stage1:positions=all"
             t0 = time.time()
-            delta = method.erase(model, spec_for(concepts), cfg)
+            delta = method.erase(model, erasure_spec(list(concepts)), cfg)
             seconds = time.time() - t0
             report = concept_report(model, judge, list(concepts), [delta], args.samples, original=original)
             report["edit_seconds"] = round(seconds, 3)

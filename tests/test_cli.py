@@ -101,6 +101,8 @@ def test_erase_command_writes_a_delta_and_reports(capsys, tiny_sd, tmp_path):
     (["--method", "uce", "--concept", "cat", "--anchor", "cat"], "is the target concept"),
     (["--method", "uce", "--concept", "cat", "--set", "lambda=1"], "unknown keys"),
     (["--method", "uce", "--concept", "cat", "--set", "lam"], "not KEY=VALUE"),
+    (["--method", "uce", "--concept", "circle", "--anchor", "dot", "--testbed-spec"], "drop --anchor"),
+    (["--method", "uce", "--concept", "cat", "--testbed-spec"], "unknown testbed concept 'cat'"),
 ])
 def test_erase_bad_input(capsys, tiny_sd, tmp_path, argv, message):
     code, _, err = run(capsys, "erase", tiny_sd, *argv, "--out", tmp_path / "d.safetensors")
@@ -117,6 +119,15 @@ def test_erase_with_a_spec_file_and_warnings(capsys, tiny_sd, tmp_path):
     spec.write_text("targets: [cat]\ncolour: red\n")
     code, _, err = run(capsys, "erase", tiny_sd, "--method", "uce", "--spec", spec, "--out", tmp_path / "e.st")
     assert code == 2 and "unknown keys ['colour']" in one_line_error(err)
+
+
+def test_erase_with_the_testbed_spec(capsys, tmp_path):
+    out = tmp_path / "circle.safetensors"
+    code, _, _ = run(capsys, "erase", "--method", "uce", "--concept", "circle", "--testbed-spec",
+                     "--set", "positions=aligned", "--out", out)
+    spec = Delta.load(out).config["spec"]
+    assert code == 0 and spec["anchors"] == ["square"] and len(spec["templates"]) == 24
+    assert spec["targets"][0]["synonyms"] == ["disc", "round shape", "dot"]
 
 
 def test_erase_warns_about_a_concept_the_tokenizer_does_not_know(capsys, tmp_path):

@@ -14,6 +14,7 @@ from erasekit import UserError, methods
 from erasekit.concepts import Concept, ConceptSpec
 from erasekit.methods import erasepro, rece, trce, uce
 from erasekit.methods.common import KVStack, paired_rows, single_rows
+from erasekit.testbed.world import VALUES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from naive_uce import naive_uce  # noqa: E402
@@ -170,3 +171,60 @@ def test_method_variants_carry_their_settings():
     assert methods.variant("rece")[1] == {}
     with pytest.raises(UserError, match="KEY=VALUE"):
         methods.variant("uce:positions")
+
+
+def test_aligned_positions_pair_every_row_around_the_differing_phrase():
+    from erasekit.model import Encoded
+
+    def encoded(ids, length=8):
+        n = len(ids)
+        padded = torch.zeros(n, length, dtype=torch.long)
+        for i, row in enumerate(ids):
+            padded[i, :len(row)] = torch.tensor(row)
+        # each row's embedding says where it came from: (prompt, position)
+        emb = torch.stack([torch.stack([torch.tensor([float(i), float(k)]) for k in range(length)]) for i in range(n)])
+        eot = torch.tensor([len(row) - 1 for row in ids])
+        return Encoded([str(r) for r in ids], emb, padded, padded != 0, eot, [False] * n)
+
+    # [CLS] a red <circle circle> on black [SEP] vs [CLS] a red <square> on black [SEP]
+    target = encoded([[101, 1, 2, 7, 7, 3, 4, 102]], length=10)
+    anchor = encoded([[101, 1, 2, 9, 3, 4, 102]], length=10)
+    t, a = paired_rows(target, anchor, "aligned")
+    pairs = [(int(x[1]), int(y[1])) for x, y in zip(t, a)]
+    assert pairs[:3] == [(0, 0), (1, 1), (2, 2)]  # shared prefix, one to one
+    assert pairs[3:5] == [(3, 3), (4, 3)]  # both phrase rows -> the anchor phrase's row
+    assert pairs[5:8] == [(5, 4), (6, 5), (7, 6)]  # shared suffix through [SEP], aligned from the end
+    assert pairs[8:] == [(8, 7), (9, 8)]  # padding by offset from [SEP]
+    empty = encoded([[101, 1, 2, 3, 4, 102]], length=10)  # the empty anchor: the phrase maps to the last prefix row
+    assert [(int(x[1]), int(y[1])) for x, y in zip(*paired_rows(target, empty, "aligned"))][3:5] == [(3, 2), (4, 2)]
+
+
+def test_the_testbed_erasure_spec_writes_captions_with_a_sibling_anchor():
+    from erasekit.testbed.spec import erasure_spec
+
+    spec = erasure_spec(["circle"])
+    pair = spec.pairs()[0]
+    assert spec.anchors == ["square"] and "circle" not in spec.preserve and len(spec.preserve) == 4
+    assert pair.target.replace("circle", "square") == pair.anchor and pair.target.count(" ") >= 4
+    multi = erasure_spec(["red", "striped"])
+    assert multi.anchors == ["green", "solid"] and all(",," not in t for t in multi.templates)
+    assert erasure_spec(["grass"]).anchors == ["on a black background"]
+
+
+def test_uce_on_every_aligned_row_erases_a_testbed_shape():
+    """The testbed's encoder spreads the shape word over the caption: the aligned edit removes circle
+    from canonical prompts and keeps the other shapes (0.03 and 0.984 on 32 prompts, docs/results)."""
+    from erasekit.testbed.evaluate import generate, judge_verdicts
+    from erasekit.testbed.judge import load_judge
+    from erasekit.testbed.prompts import concept_prompts, preservation_prompts
+    from erasekit.testbed.spec import erasure_spec
+
+    testbed, judge = erasekit.load("testbed"), load_judge()
+    target, keep = concept_prompts("circle", "canonical", 8), preservation_prompts(["circle"], 8)
+    delta = uce.erase(testbed, erasure_spec(["circle"]), uce.UCEConfig(positions="aligned"))
+    with delta.applied(testbed):
+        verdicts = judge_verdicts(judge, generate(testbed, target + keep))["shape"]
+    circle = VALUES["shape"].index("circle")
+    assert float((verdicts[:8] == circle).float().mean()) <= 0.25
+    kept = torch.tensor([VALUES["shape"].index(p.values["shape"]) for p in keep])
+    assert float((verdicts[8:] == kept).float().mean()) >= 0.75

@@ -136,12 +136,13 @@ def build_spec(args):
             raise UserError("give concepts either with --spec or with --concept, not both")
         return spec
     targets = [parse_concept(c) for c in args.concept or []]
-    if args.testbed_synonyms:
-        from .testbed.prompts import attribute_of
-        from .testbed.world import wordings
+    if args.testbed_spec:
+        from .testbed.spec import erasure_spec
 
-        for t in targets:
-            t.synonyms += [w for w in wordings(attribute_of(t.name), t.name, "synonym") if w not in t.synonyms]
+        if args.anchor or args.preserve or args.templates or any(t.synonyms for t in targets):
+            raise UserError("--testbed-spec sets synonyms, anchors, preserve concepts and templates itself: "
+                            "drop --anchor/--preserve/--templates and the ':synonyms', or drop --testbed-spec")
+        return erasure_spec([t.name for t in targets])
     data = {"targets": targets, "anchors": args.anchor if args.anchor is not None else [""],
             "preserve": args.preserve or [], "expand": args.expand}
     if args.templates:
@@ -282,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve", action="append", help="a concept to preserve (repeatable)")
     p.add_argument("--expand", action="store_true", help="expand every phrase with the prompt templates")
     p.add_argument("--templates", help="template set for --expand: object (default) or art")
-    p.add_argument("--testbed-synonyms", action="store_true",
-                   help="testbed only: add the concept's training synonyms (held-out wordings never)")
+    p.add_argument("--testbed-spec", action="store_true",
+                   help="testbed only: the spec of its experiments (training synonyms, another value of the same "
+                        "attribute as anchor, the other values preserved, 24 captions in the testbed's grammar)")
     p.add_argument("--spec", help="a YAML/TOML/JSON concept spec instead of --concept/--anchor/--preserve")
     p.add_argument("--config", help="a YAML/TOML/JSON file of method options")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")

@@ -87,15 +87,12 @@ def run_demo(out: str | Path = "erasekit-demo", samples: int = 10, concept: str 
 def erase_step(model, judge, concept: str, method_name: str, samples: int):
     """Erase one testbed concept with a closed-form method; before/after grid of a few prompts."""
     from . import methods
-    from .concepts import Concept, ConceptSpec
     from .grid import make_grid, to_pil
     from .testbed.evaluate import generate
-    from .testbed.prompts import attribute_of, concept_prompts
-    from .testbed.world import VALUES, wordings
+    from .testbed.prompts import concept_prompts
+    from .testbed.spec import erasure_spec
 
-    attr = attribute_of(concept)
-    spec = ConceptSpec([Concept(concept, list(wordings(attr, concept, "synonym")))],
-                       preserve=[v for v in VALUES[attr] if v != concept], expand=True)
+    spec = erasure_spec([concept])
     method = methods.get(method_name)
     t0 = time.time()
     delta = method.erase(model, spec, method.config())

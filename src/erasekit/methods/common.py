@@ -7,15 +7,18 @@ import torch
 from ..errors import UserError
 from ..model import Encoded, Model
 
-POSITIONS = ("key", "eot", "key+eot", "eot+padding", "all")
+POSITIONS = ("key", "eot", "key+eot", "eot+padding", "all", "aligned")
 
 
 def paired_rows(target: Encoded, anchor: Encoded, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Aligned embedding rows of target and anchor prompts (pair i with pair i) at the chosen positions:
     'key' (last content token), 'eot' (first end-of-text), 'key+eot', 'eot+padding' ([EoT] and the rows after
-    it, matched by offset from [EoT]), 'all' (every row from [KEY] on: key, eot and padding)."""
+    it, matched by offset from [EoT]), 'all' (every row from [KEY] on: key, eot and padding), 'aligned' (every
+    row of the prompt, start token and padding included, matched as aligned_rows says)."""
     if positions not in POSITIONS:
         raise UserError(f"unknown positions {positions!r}: use one of {', '.join(POSITIONS)}")
+    if positions == "aligned":
+        return aligned_rows(target, anchor)
     t_rows, a_rows = [], []
     length = target.embeddings.shape[1]
     for i in range(len(target.prompts)):
@@ -32,6 +35,41 @@ def paired_rows(target: Encoded, anchor: Encoded, positions: str) -> tuple[torch
             t_rows.append(target.embeddings[i, te + k])
             a_rows.append(anchor.embeddings[i, ae + k])
     return torch.stack(t_rows), torch.stack(a_rows)
+
+
+def aligned_rows(target: Encoded, anchor: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row of each target prompt with its counterpart in the anchor prompt. The prompts share a
+    template, so their token ids agree on a prefix and on a suffix through [EoT]: those rows pair one to one,
+    padding pairs by offset from [EoT], and each row of the differing middle (the target phrase) pairs with
+    the anchor's row at the same offset into its middle, or its last middle row, or, for an empty anchor,
+    the last prefix row. A bidirectional encoder (the testbed's MiniLM, T5) writes the concept into every
+    row of the prompt, not only the phrase's: this is the mode that reaches all of them."""
+    t_idx, a_idx = [], []
+    length = target.embeddings.shape[1]
+    for i in range(len(target.prompts)):
+        te, ae = int(target.eot[i]), int(anchor.eot[i])
+        t_ids, a_ids = target.input_ids[i, :te + 1].tolist(), anchor.input_ids[i, :ae + 1].tolist()
+        shortest = min(len(t_ids), len(a_ids))
+        prefix = next((k for k in range(shortest) if t_ids[k] != a_ids[k]), shortest)
+        suffix = next((k for k in range(shortest - prefix) if t_ids[-1 - k] != a_ids[-1 - k]), shortest - prefix)
+        a_middle = range(prefix, len(a_ids) - suffix)
+        for k in range(len(t_ids)):
+            if k < prefix:
+                j = k
+            elif k >= len(t_ids) - suffix:
+                j = k - len(t_ids) + len(a_ids)
+            elif len(a_middle):
+                j = a_middle[min(k - prefix, len(a_middle) - 1)]
+            else:
+                j = max(prefix - 1, 0)
+            t_idx.append((i, k))
+            a_idx.append((i, j))
+        for k in range(1, length - max(te, ae)):
+            t_idx.append((i, te + k))
+            a_idx.append((i, ae + k))
+    t_rows = torch.stack([target.embeddings[i, k] for i, k in t_idx])
+    a_rows = torch.stack([anchor.embeddings[i, k] for i, k in a_idx])
+    return t_rows, a_rows
 
 
 def single_rows(enc: Encoded, positions: str) -> torch.Tensor:

@@ -240,5 +240,5 @@ def fill_template(template: str, words: dict[str, str]) -> str:
         words["shape"] = f"{words['shape']} {words['style']}"
         words["style"] = ""
     text = template.format(**words)
-    text = " ".join(text.replace(" ,", ",").split())
+    text = " ".join(text.replace(" ,", ",").split()).replace(",,", ",")  # an empty word between commas
     return text.replace(", ,", ",").strip(" ,")

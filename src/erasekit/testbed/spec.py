@@ -1,0 +1,61 @@
+"""The erasure spec the testbed's experiments, demo and attacks share for a set of testbed concepts.
+
+- targets: each concept with its training synonyms (held-out wordings stay unseen: they measure
+  generalisation);
+- anchors: another value of the same attribute (circle -> square, red -> green, striped -> solid), so the
+  edited prompt still asks for a complete scene;
+- preserve: the attribute's other values;
+- templates: captions in the testbed's own grammar with the other attributes drawn at random (canonical
+  words, seed distinct from every evaluation set's), so the edit sees the concept in the sentences it is
+  prompted with. The evaluation prompts are drawn from the same grammar, so some captions coincide.
+
+Why the anchor is a sibling value: with the empty anchor a caption without a shape word makes the testbed
+draw its default round blob, which the judge calls a circle. Why caption templates: the testbed's
+bidirectional encoder writes the shape into every token of the caption, not only the shape word's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..concepts import Concept, ConceptSpec
+from .prompts import attribute_of
+from .world import ATTRIBUTES, TEMPLATES, VALUES, canonical, fill_template, wordings
+
+TEMPLATE_SEED = 77
+
+
+def caption_templates(concepts: list[str], n: int = 24, seed: int = TEMPLATE_SEED) -> list[str]:
+    """n captions with '{}' where the concepts go (the testbed's five caption forms in turn). One attribute:
+    its own slot. Several (red+striped): their slots are left empty and '{}' stands before the shape noun,
+    where a colour or a style word reads naturally."""
+    attrs = {attribute_of(c) for c in concepts}
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        words = {a: canonical(a, VALUES[a][rng.integers(len(VALUES[a]))]) for a in ATTRIBUTES}
+        if len(attrs) == 1:
+            words[next(iter(attrs))] = "{}"
+        else:
+            for a in attrs:
+                words[a] = ""
+            words["shape"] = "{}" if "shape" in attrs else "{} " + words["shape"]
+        out.append(fill_template(TEMPLATES[k % len(TEMPLATES)], words))
+    return out
+
+
+def sibling(concept: str) -> str:
+    """The anchor of a concept: the first other value of its attribute, in its canonical wording."""
+    attr = attribute_of(concept)
+    return canonical(attr, next(v for v in VALUES[attr] if v != concept))
+
+
+def erasure_spec(concepts: list[str], templates: int = 24) -> ConceptSpec:
+    """The spec for erasing these testbed concepts (see the module's docstring)."""
+    targets = []
+    for c in concepts:  # every training wording: a background's canonical one is a phrase ("on grass")
+        words = wordings(attribute_of(c), c, "canonical") + wordings(attribute_of(c), c, "synonym")
+        targets.append(Concept(c, [w for w in words if w != c]))
+    preserve = sorted({v for c in concepts for v in VALUES[attribute_of(c)] if v not in concepts})
+    return ConceptSpec(targets, anchors=[sibling(c) for c in concepts], preserve=preserve,
+                       templates=caption_templates(concepts, templates), expand=True)
