@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import erasekit
 from erasekit import methods
 from erasekit.concepts import Concept, ConceptSpec
 from erasekit.errors import UserError
@@ -212,6 +213,39 @@ def test_co_erasing_refines_image_tokens_into_word_states_and_trains_text_only(m
     assert delta.method == "co-erasing" and delta.stats["images"] == 3
     assert all("attn2." in k for k in delta.tensors)  # the saved model is a text-conditioned UNet
     delta.check(model)
+
+
+def test_ip_adapter_image_tokens_follow_the_release_layouts(tiny_sd, tmp_path):
+    from erasekit.finetune.image_tokens import image_encoder
+    from erasekit.testing import make_tiny_ip_adapter
+
+    sd = erasekit.load(tiny_sd)
+    images = torch.rand(3, 3, 16, 16)
+    flat = image_encoder(str(make_tiny_ip_adapter(tmp_path / "a")), sd)(images)
+    nested = image_encoder(str(make_tiny_ip_adapter(tmp_path / "b", layout="bin")), sd)(images)
+    assert flat.shape == (3, 4, 32) and torch.allclose(flat, nested, atol=1e-5)  # same seed, either file layout
+    assert torch.allclose(flat.mean(-1), torch.zeros(3, 4), atol=1e-4)  # the projection's LayerNorm ran
+    assert not torch.allclose(flat[0], flat[1])  # the tokens depend on the image
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "no ip-adapter"),
+    (lambda p: make_adapter(p, cross_attention_dim=48), "width 48"),
+    (lambda p: (p.mkdir(), (p / "ip-adapter_plus.bin").write_bytes(b"junk")), "cannot read"),
+    (lambda p: None, "neither 'testbed' nor a folder"),
+])
+def test_ip_adapter_folder_errors(tiny_sd, tmp_path, make, message):
+    from erasekit.finetune.image_tokens import image_encoder
+
+    make(tmp_path / "adapter")
+    with pytest.raises(UserError, match=message):
+        image_encoder(str(tmp_path / "adapter"), erasekit.load(tiny_sd))
+
+
+def make_adapter(path, **kwargs):
+    from erasekit.testing import make_tiny_ip_adapter
+
+    return make_tiny_ip_adapter(path, **kwargs)
 
 
 def test_two_accelerate_processes_train_what_one_process_with_accumulation_two_trains(tmp_path):

@@ -15,6 +15,7 @@ from erasekit.concepts import Concept, ConceptSpec
 from erasekit.methods import erasepro, rece, trce, uce
 from erasekit.methods.common import KVStack, paired_rows, single_rows
 from erasekit.testbed.world import VALUES
+from erasekit.testing import make_tiny_ip_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from naive_uce import naive_uce  # noqa: E402
@@ -126,10 +127,10 @@ def test_every_method_erases_several_concepts_at_once(model, tmp_path):
         method = methods.get(name)
         if name == "trce-stage1":
             delta = trce.erase_stage1(model, spec, ["a red car", "a dog"] * 5, method.config(prior_prompts=None))
-        elif name == "co-erasing":  # its image encoder for SD (IP-Adapter) is not there yet: a clear error
-            with pytest.raises(UserError, match="IP-Adapter"):
-                method.erase(model, spec, methods.build_config(method, fast_values(method, {})))
-            continue
+        elif name == "co-erasing":  # on Stable Diffusion its image tokens come from an IP-Adapter folder
+            adapter = make_tiny_ip_adapter(tmp_path / "ip-adapter")
+            delta = method.erase(model, spec, methods.build_config(method, fast_values(
+                method, {"image_encoder": str(adapter), "images": "2"})))
         elif method.fine_tuning or method.parts:
             cfg = methods.build_config(method, fast_values(method, {"prior_prompts": str(captions)}))
             delta = method.erase(model, spec, cfg)

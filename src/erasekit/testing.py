@@ -59,3 +59,29 @@ def make_tiny_sd(path: Path, prediction_type: str = "epsilon", seed: int = 0, cr
                                        requires_safety_checker=False)
         pipe.save_pretrained(path)
     return path
+
+
+def make_tiny_ip_adapter(path: Path, cross_attention_dim: int = 32, tokens: int = 4, seed: int = 0,
+                         layout: str = "safetensors") -> Path:
+    """An IP-Adapter folder in the public release's layout, tiny and random: image_encoder/ (a CLIP vision model
+    with projection) and ip-adapter_sd15.safetensors (or .bin) with the image projection and adapter K/V."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    embed = 24
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=embed))
+    encoder.save_pretrained(path / "image_encoder")
+    image_proj = {"proj.weight": torch.randn(tokens * cross_attention_dim, embed) * 0.1,
+                  "proj.bias": torch.zeros(tokens * cross_attention_dim),
+                  "norm.weight": torch.ones(cross_attention_dim), "norm.bias": torch.zeros(cross_attention_dim)}
+    adapter = {"1.to_k_ip.weight": torch.randn(cross_attention_dim, cross_attention_dim) * 0.1}
+    if layout == "safetensors":
+        flat = {**{f"image_proj.{k}": v for k, v in image_proj.items()},
+                **{f"ip_adapter.{k}": v for k, v in adapter.items()}}
+        save_file(flat, str(path / "ip-adapter_sd15.safetensors"))
+    else:
+        torch.save({"image_proj": image_proj, "ip_adapter": adapter}, path / "ip-adapter_sd15.bin")
+    return path

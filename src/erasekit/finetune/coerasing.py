@@ -6,8 +6,8 @@ the text encoder's space and, with text guidance, are refined as softmax(Q K^T /
 projected image tokens and K = V the concept word's token states, so only the visual features related to the
 word remain. The image branch exists only while training: the delta is an ordinary text-conditioned model.
 
-Image encoders: `testbed` (the testbed's aligned image encoder; its text projection is inverted to reach the
-text encoder's space). An IP-Adapter encoder for Stable Diffusion is not implemented yet.
+Image encoders (finetune.image_tokens): `testbed`, or for Stable Diffusion an IP-Adapter folder the user gives
+(`--set image_encoder=PATH`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 
 from ..concepts import ConceptSpec
 from ..delta import Delta
-from ..errors import UserError
 from ..model import Model
 from . import esd
+from .image_tokens import image_encoder
 from .loop import record
 from .params import Frozen, select
 
@@ -31,33 +31,8 @@ TESTBED = {**esd.TESTBED, "images": 32}
 class CoErasingConfig(esd.ESDConfig):
     images: int = 200  # generated concept images used in stage 2 (reference: 500 generated, 100-200 used)
     text_guided: bool = True
-    image_encoder: str = "testbed"
+    image_encoder: str = "testbed"  # or an IP-Adapter folder (image_encoder/ and ip-adapter*.safetensors)
     stage1_steps: int = 0  # 0: the same number of steps as stage 2
-
-
-class TestbedImageTokens:
-    """(N, 16, 384) tokens in the text encoder's space from the testbed's aligned image encoder."""
-
-    def __init__(self, device):
-        from ..testbed.clip import load_clip
-
-        self.clip = load_clip(device=device)
-        w, b = self.clip.text_proj.weight.detach().float(), self.clip.text_proj.bias.detach().float()
-        self.inverse, self.bias = torch.linalg.pinv(w.T), b
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.clip.image_tokens(images.to(self.clip.device) * 2 - 1).float()
-        return (tokens - self.bias) @ self.inverse
-
-
-def image_encoder(name: str, model: Model):
-    if name == "testbed":
-        if model.name != "testbed":
-            raise UserError("the testbed image encoder only fits the testbed: for Stable Diffusion Co-Erasing needs "
-                            "an IP-Adapter image encoder, which erasekit does not support yet")
-        return TestbedImageTokens(model.device)
-    raise UserError(f"unknown image encoder {name!r}: use 'testbed' (IP-Adapter folders are not supported yet)")
 
 
 def concept_prompts(model: Model, spec: ConceptSpec, n: int) -> tuple[list[str], list[int]]:
