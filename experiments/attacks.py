@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from variants import testbed_method
+from variants import testbed_method, testbed_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("uce", "rece", "erasepro", "trce-stage1")
@@ -42,7 +42,6 @@ def main() -> None:
     from erasekit.evaluation.judges import get_judge
     from erasekit.evaluation.runner import Settings, Variant
     from erasekit.evaluation.suites import load_suite
-    from erasekit.testbed.spec import erasure_spec
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--concept", default="star")
@@ -57,14 +56,13 @@ def main() -> None:
     if (results["concept"], results["prompts"]) != (args.concept, args.prompts):
         raise SystemExit(f"{out} holds another run: use another --out")
     model, judge = erasekit.load("testbed"), get_judge("testbed")
-    spec = erasure_spec([args.concept])
     suite = load_suite(f"testbed:{args.concept}", samples=args.prompts)
     settings = Settings.for_model(model)
     for name in args.methods:
         row = results["methods"].setdefault(name, {"attacks": {}})
         method, cfg = testbed_method(name)  # a variant: "uce:positions=all"
         t0 = time.time()
-        delta = method.erase(model, spec, cfg)
+        delta = method.erase(model, testbed_spec(method, [args.concept]), cfg)
         row["edit_seconds"] = round(time.time() - t0, 2)
         ctx = make_context(model, Variant(name, (delta,), (name,)), judge, suite.concepts, settings)
         for attack_name in args.attacks:

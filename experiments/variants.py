@@ -1,5 +1,5 @@
 """What both experiments do with a method name: a variant ("uce:positions=all") at the testbed's settings,
-with fine-tuning progress bars off."""
+with fine-tuning progress bars off, and the spec it erases with."""
 
 from __future__ import annotations
 
@@ -12,3 +12,11 @@ def testbed_method(name: str):
     if method.parts or method.fine_tuning:
         values = {"progress": "false", **values}
     return method, methods.build_config(method, values, testbed=True)
+
+
+def testbed_spec(method, concepts):
+    """The testbed erasure spec in the form the method takes: closed-form methods map caption pairs; the
+    fine-tuning methods (ESD family) get the concept phrases alone, as their papers do."""
+    from erasekit.testbed.spec import erasure_spec
+
+    return erasure_spec(list(concepts), captions=not (method.fine_tuning or method.parts))

@@ -171,3 +171,18 @@ def test_demo_writes_a_grid_and_only_replaces_its_own_output(tmp_path, capsys):
     with pytest.raises(UserError, match="does not hold an earlier demo"):
         run_demo(foreign, samples=4)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_per_value_accuracy_shows_a_weak_value_the_mean_hides():
+    from erasekit.testbed.evaluate import accuracy, value_accuracy
+    from erasekit.testbed.prompts import attribute_prompts
+
+    prompts = attribute_prompts("canonical", 40)
+    truth = {a: torch.tensor([VALUES[a].index(p.values[a]) for p in prompts]) for a in VALUES}
+    verdicts = {a: t.clone() for a, t in truth.items()}
+    star = VALUES["shape"].index("star")
+    verdicts["shape"][truth["shape"] == star] = VALUES["shape"].index("circle")  # every star judged a circle
+    per_value = value_accuracy(verdicts, prompts)["shape"]
+    assert per_value["star"]["accuracy"] == 0.0 and per_value["circle"]["accuracy"] == 1.0
+    assert sum(v["n"] for v in per_value.values()) == 40
+    assert accuracy(verdicts, prompts)["shape"] == round(1 - per_value["star"]["n"] / 40, 4)

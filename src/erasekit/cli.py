@@ -127,7 +127,7 @@ def parse_concept(text: str):
     return Concept(name.strip(), [s.strip() for s in synonyms.split(",") if s.strip()])
 
 
-def build_spec(args):
+def build_spec(args, captions: bool = True):
     from .concepts import ConceptSpec
 
     if args.spec:
@@ -142,7 +142,7 @@ def build_spec(args):
         if args.anchor or args.preserve or args.templates or any(t.synonyms for t in targets):
             raise UserError("--testbed-spec sets synonyms, anchors, preserve concepts and templates itself: "
                             "drop --anchor/--preserve/--templates and the ':synonyms', or drop --testbed-spec")
-        return erasure_spec([t.name for t in targets])
+        return erasure_spec([t.name for t in targets], captions=captions)  # ESD-style methods take phrases
     data = {"targets": targets, "anchors": args.anchor if args.anchor is not None else [""],
             "preserve": args.preserve or [], "expand": args.expand}
     if args.templates:
@@ -163,7 +163,7 @@ def cmd_erase(args) -> None:
     values = read_mapping(args.config, "config file") if args.config else {}
     values.update(key_values(args.set, "--set"))
     cfg = methods.build_config(method, values, source=args.config or "--set", testbed=args.model == "testbed")
-    spec = build_spec(args)
+    spec = build_spec(args, captions=not (method.fine_tuning or method.parts))
     if Path(args.out).exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists: choose another path or pass --overwrite")
     model = load_for_run(args.model)
@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", help="template set for --expand: object (default) or art")
     p.add_argument("--testbed-spec", action="store_true",
                    help="testbed only: the spec of its experiments (training synonyms, another value of the same "
-                        "attribute as anchor, the other values preserved, 24 captions in the testbed's grammar)")
+                        "attribute as anchor, the other values preserved; closed-form methods also get 24 captions in the "
+                        "testbed's grammar)")
     p.add_argument("--spec", help="a YAML/TOML/JSON concept spec instead of --concept/--anchor/--preserve")
     p.add_argument("--config", help="a YAML/TOML/JSON file of method options")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")

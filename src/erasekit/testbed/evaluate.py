@@ -33,6 +33,18 @@ def accuracy(verdicts: dict[str, torch.Tensor], prompts: list[TestbedPrompt]) ->
     return out
 
 
+def value_accuracy(verdicts: dict[str, torch.Tensor], prompts: list[TestbedPrompt]) -> dict[str, dict]:
+    """Per attribute and asked-for value: {"accuracy", "n"} (a weak value hides in an attribute's mean)."""
+    out = {}
+    for attr in ATTRIBUTES:
+        wanted = torch.tensor([VALUES[attr].index(p.values[attr]) for p in prompts])
+        hits = verdicts[attr].cpu() == wanted
+        out[attr] = {value: {"accuracy": round(float(hits[wanted == i].float().mean()), 4),
+                             "n": int((wanted == i).sum())}
+                     for i, value in enumerate(VALUES[attr]) if (wanted == i).any()}
+    return out
+
+
 def attribute_accuracy(model: Model, judge, samples: int = 200, seed: int = 1000, steps: int | None = None,
                        guidance: float | None = None, batch_size: int = 64, progress: bool = True) -> dict:
     """Judge accuracy against the prompt, per attribute and wording kind (the testbed's quality bars)."""
@@ -44,7 +56,9 @@ def attribute_accuracy(model: Model, judge, samples: int = 200, seed: int = 1000
     for kind in WORDING_KINDS:
         prompts = attribute_prompts(kind, samples, seed)
         images = generate(model, prompts, steps, guidance, batch_size, progress)
-        result["accuracy"][kind] = accuracy(judge_verdicts(judge, images), prompts)
+        verdicts = judge_verdicts(judge, images)
+        result["accuracy"][kind] = accuracy(verdicts, prompts)
+        result.setdefault("per_value", {})[kind] = value_accuracy(verdicts, prompts)
     result["wall_time_s"] = round(time.time() - start, 1)
     return result
 

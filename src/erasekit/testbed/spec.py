@@ -50,12 +50,14 @@ def sibling(concept: str) -> str:
     return canonical(attr, next(v for v in VALUES[attr] if v != concept))
 
 
-def erasure_spec(concepts: list[str], templates: int = 24) -> ConceptSpec:
-    """The spec for erasing these testbed concepts (see the module's docstring)."""
+def erasure_spec(concepts: list[str], templates: int = 24, captions: bool = True) -> ConceptSpec:
+    """The spec for erasing these testbed concepts (see the module's docstring). captions=False gives the
+    phrases alone, as ESD-style fine-tuning wants them: its negative guidance removes everything a prompt adds
+    to the empty one, so a whole caption would erase its colour, style and background too."""
     targets = []
     for c in concepts:  # every training wording: a background's canonical one is a phrase ("on grass")
         words = wordings(attribute_of(c), c, "canonical") + wordings(attribute_of(c), c, "synonym")
         targets.append(Concept(c, [w for w in words if w != c]))
     preserve = sorted({v for c in concepts for v in VALUES[attribute_of(c)] if v not in concepts})
     return ConceptSpec(targets, anchors=[sibling(c) for c in concepts], preserve=preserve,
-                       templates=caption_templates(concepts, templates), expand=True)
+                       templates=caption_templates(concepts, templates) if captions else "object", expand=captions)
