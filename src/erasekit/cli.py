@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", help="template set for --expand: object (default) or art")
     p.add_argument("--testbed-spec", action="store_true",
                    help="testbed only: the spec of its experiments (training synonyms, another value of the same "
-                        "attribute as anchor, the other values preserved; closed-form methods also get 24 captions in the "
-                        "testbed's grammar)")
+                        "attribute as anchor, the other values preserved; closed-form methods also get 24 "
+                        "captions in the testbed's grammar)")
     p.add_argument("--spec", help="a YAML/TOML/JSON concept spec instead of --concept/--anchor/--preserve")
     p.add_argument("--config", help="a YAML/TOML/JSON file of method options")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
