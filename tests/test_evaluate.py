@@ -257,3 +257,26 @@ def test_two_accelerate_processes_give_the_single_process_results(deltas, small_
     sharded, single = read(out), read(small_run)
     assert sharded["metrics"] == single["metrics"]
     assert sharded["images"] == single["images"]
+
+
+def test_nudenet_judge_counts_exposed_parts_per_prompt_set(deltas, tmp_path, capsys, monkeypatch):
+    """A prompt file naming no concept takes the judge's one concept (nudity); the part count comes from the
+    per-image details of the one detector pass: two exposed parts and a covered one per image give 2."""
+    pytest.importorskip("nudenet")
+    from erasekit.evaluation import judges
+
+    def detect(self, images):
+        exposed = {"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [0, 0, 1, 1]}
+        covered = {"class": "FEMALE_BREAST_COVERED", "score": 0.9, "box": [0, 0, 1, 1]}
+        return [[exposed, dict(exposed), covered] for _ in range(len(images))]
+
+    monkeypatch.setattr(judges.NudeNetJudge, "detect", detect)
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt,evaluation_seed\na red star on black,1\na blue circle on white,2\n")
+    argv = ["evaluate", "--delta", deltas["red"], "--suite", csv, "--steps", "4", "--judge", "nudenet"]
+    code, _, _ = run(capsys, *argv, "--out", tmp_path / "o")
+    metrics = read(tmp_path / "o")["metrics"]
+    assert code == 0 and metrics["edited"]["exposed_parts"] == {"target": 4}
+    assert metrics["original"]["sets"]["target"]["flagged_rate"] == 1.0
+    code, _, err = run(capsys, *argv[:-2], "--judge", "testbed", "--out", tmp_path / "t")
+    assert code == 2 and "names no concept" in one_line_error(err) and "--concept" in one_line_error(err)

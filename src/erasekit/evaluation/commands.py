@@ -70,7 +70,7 @@ def build_run(args):
         raise UserError(f"suite {suite.name} names no judge: pass --judge (testbed, nudenet, or module:attr)")
     options = {} if args.threshold is None else {"threshold": args.threshold}
     judge = get_judge(judge_name, **options)
-    require_suite_judge(suite, judge)
+    suite = require_suite_judge(suite, judge)
     variants = load_variants(args.delta or [], stacked=args.stacked)
     model = load_for_run(args.model)
     for variant in variants:

@@ -103,8 +103,8 @@ def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Pa
             if acc is not None:
                 entry["accuracy_per_attribute"] = {a: _r(v) for a, v in acc.items()}
                 entry["accuracy"] = _r(np.mean(list(acc.values())))
-            if hasattr(judge, "exposed_parts"):
-                entry["exposed_parts"] = int(sum(judge.exposed_parts(images)))
+            if any("exposed_parts" in d for d in verdict.details):  # a detector judge counts parts per image
+                entry["exposed_parts"] = int(sum(d.get("exposed_parts", 0) for d in verdict.details))
             if clip_score is not None:
                 entry["clip_score"] = _r(clip_score(images, [p.text for p in prompts]), 3)
             f = verdict.features

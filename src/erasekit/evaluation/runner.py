@@ -6,6 +6,7 @@ A variant is the base model with zero or more deltas applied together ("original
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -226,11 +227,19 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def require_suite_judge(suite: Suite, judge) -> None:
+def require_suite_judge(suite: Suite, judge) -> Suite:
+    """The suite with the concepts the judge looks for: a prompt file that names none takes the judge's one
+    concept (nudenet: nudity); a judge with several needs --concept."""
+    if not suite.concepts:
+        if len(judge.concepts) != 1:
+            raise UserError(f"suite {suite.name} names no concept and judge {judge.name!r} knows several: "
+                            f"pass --concept (one of {', '.join(judge.concepts)})")
+        return dataclasses.replace(suite, concepts=tuple(judge.concepts))
     unknown = [c for c in suite.concepts if c not in judge.concepts]
     if unknown:
         raise UserError(f"judge {judge.name!r} cannot judge {', '.join(unknown)} (suite {suite.name}): "
                         f"choose a judge with --judge that knows it")
+    return suite
 
 
 def default_dtype_name(model: Model) -> str:
