@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from .common import AttackContext, Found, frozen, native_target, noised, randint
 from .tokens import content_ids, embedding_table, encode_ids, ids_to_text, slot_embeddings, slot_prompt
 
@@ -23,6 +24,9 @@ class UnlearnDiffConfig:
     iterations: int = 40
     lr: float = 0.01
     seed: int = 0
+    # "uniform": every token starts at 1/V and the gradient picks the prefix; "random": a random one-hot,
+    # which 40 steps of lr 0.01 rarely move (on the testbed: ASR 0.00 against UCE on circle, 8 prompts)
+    init: str = "uniform"
 
 
 TESTBED: dict = {}  # the published settings are already small
@@ -47,8 +51,13 @@ def attack(ctx: AttackContext, prompt, cfg: UnlearnDiffConfig, gen: torch.Genera
     table = embedding_table(model).weight
     vocab = ctx.vocab.to(table.device)
     words = table[vocab].detach().float()
-    start = torch.randint(0, len(vocab), (cfg.prefix_tokens,), generator=gen).to(table.device)
-    z = torch.nn.functional.one_hot(start, len(vocab)).float().requires_grad_()
+    if cfg.init not in ("uniform", "random"):
+        raise UserError(f"unknown UnlearnDiffAtk init {cfg.init!r}: use 'uniform' or 'random'")
+    if cfg.init == "uniform":
+        z = torch.full((cfg.prefix_tokens, len(vocab)), 1.0 / len(vocab), device=table.device).requires_grad_()
+    else:
+        start = torch.randint(0, len(vocab), (cfg.prefix_tokens,), generator=gen).to(table.device)
+        z = torch.nn.functional.one_hot(start, len(vocab)).float().requires_grad_()
     opt = torch.optim.Adam([z], lr=cfg.lr)
     losses = []
     with ctx.erased_model(), frozen(model):
