@@ -170,6 +170,10 @@ def test_method_variants_carry_their_settings():
     assert method.name == "uce" and values == {"positions": "all", "lam": "0.1"}
     assert methods.build_config(method, values).positions == "all"
     assert methods.variant("rece")[1] == {}
+    for name in ("uce", "rece"):  # the testbed's bidirectional encoder: every aligned row; elsewhere [KEY]
+        assert methods.build_config(methods.get(name), {}, testbed=True).positions == "aligned"
+        assert methods.build_config(methods.get(name), {}).positions == "key"
+        assert methods.build_config(methods.get(name), {"positions": "key"}, testbed=True).positions == "key"
     with pytest.raises(UserError, match="KEY=VALUE"):
         methods.variant("uce:positions")
 

@@ -154,6 +154,16 @@ def test_a_few_hundred_training_steps_reduce_the_loss(tmp_path):
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
 
 
+@pytest.mark.parametrize("kwargs, message", [({"method": "esd"}, "closed-form method"),
+                                             ({"concept": "dragon"}, "unknown testbed concept")])
+def test_demo_refuses_what_it_cannot_run_before_any_work(tmp_path, kwargs, message):
+    from erasekit.demo import run_demo
+
+    with pytest.raises(UserError, match=message):
+        run_demo(tmp_path / "demo", **kwargs)
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_writes_a_grid_and_only_replaces_its_own_output(tmp_path, capsys):
     from erasekit.demo import run_demo
 

@@ -35,10 +35,13 @@ def run_demo(out: str | Path = "erasekit-demo", samples: int = 10, concept: str 
     from . import load
     from .testbed.evaluate import accuracy, attribute_prompts, generate, judge_verdicts
     from .testbed.judge import load_judge
+    from .testbed.prompts import attribute_of
     from .testbed.world import ATTRIBUTES, VALUES
 
     out = Path(out)
     replace = _check_out(out)
+    closed_form_method(method)
+    attribute_of(concept)  # an unknown concept fails here, before any work
     start = time.time()
     print("loading the testbed (a 4.7M-parameter text-to-image model, 16x16 pixels) and its judge")
     model, judge = load("testbed"), load_judge()
@@ -84,6 +87,17 @@ def run_demo(out: str | Path = "erasekit-demo", samples: int = 10, concept: str 
     return out
 
 
+def closed_form_method(name: str):
+    """(method, settings) for the demo's erasure: a closed-form method or variant ("uce", "uce:lam=0.2")."""
+    from . import methods
+
+    method, values = methods.variant(name)
+    if method.fine_tuning or method.parts:
+        raise UserError(f"the demo erases with a closed-form method (uce, rece, erasepro, trce-stage1), not "
+                        f"{name!r}: run 'erasekit erase --method {name}' for fine-tuning")
+    return method, values
+
+
 def erase_step(model, judge, concept: str, method_name: str, samples: int):
     """Erase one testbed concept with a closed-form method; before/after grid of a few prompts."""
     from . import methods
@@ -92,10 +106,10 @@ def erase_step(model, judge, concept: str, method_name: str, samples: int):
     from .testbed.prompts import concept_prompts
     from .testbed.spec import erasure_spec
 
+    method, values = closed_form_method(method_name)
     spec = erasure_spec([concept])
-    method = methods.get(method_name)
     t0 = time.time()
-    delta = method.erase(model, spec, method.config())
+    delta = method.erase(model, spec, methods.build_config(method, values, testbed=True))
     print(f"\nerasing {concept!r} with {method_name} (closed form, {len(delta.tensors)} tensors) took "
           f"{time.time() - t0:.2f} s")
     shown = concept_prompts(concept, "canonical", 4, seed=90) + concept_prompts(concept, "heldout", 2, seed=95)

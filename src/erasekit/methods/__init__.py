@@ -17,7 +17,8 @@ class Method:
     config: type
     erase: Callable
     summary: str
-    testbed: dict = dataclasses.field(default_factory=dict)  # smaller settings used on the testbed
+    # settings used on the testbed: smaller (fine-tuning, attacks) or fitted to its bidirectional encoder
+    testbed: dict = dataclasses.field(default_factory=dict)
     fine_tuning: bool = False  # its erase takes base_values (what an earlier stage changed) when composed
     parts: tuple = ()  # a composition "A+B": the methods it runs in order
 
@@ -27,8 +28,9 @@ def _registry() -> dict[str, Method]:
     from . import erasepro, rece, trce, uce
 
     methods = {m.name: m for m in (
-        Method("uce", uce.UCEConfig, uce.erase, "unified concept editing (closed form, K/V)"),
-        Method("rece", rece.RECEConfig, rece.erase, "UCE + derived-embedding rounds (closed form, K/V)"),
+        Method("uce", uce.UCEConfig, uce.erase, "unified concept editing (closed form, K/V)", uce.TESTBED),
+        Method("rece", rece.RECEConfig, rece.erase, "UCE + derived-embedding rounds (closed form, K/V)",
+               uce.TESTBED),
         Method("erasepro", erasepro.EraseProConfig, erasepro.erase,
                "zero-residual progressive edit (closed form, text encoder + K/V)"),
         Method("trce-stage1", trce.TRCEStage1Config, trce.erase, "TRCE textual erasure of [EoT] (closed form)"),
@@ -101,7 +103,7 @@ def names() -> list[str]:
 
 def build_config(method: Method, values: dict[str, Any], source: str = "config", testbed: bool = False) -> Any:
     """A method config from a mapping, converting strings to the fields' types; unknown keys are named.
-    On the testbed the method's smaller settings come first. A composition gets a list of configs,
+    On the testbed the method's testbed settings come first. A composition gets a list of configs,
     one per part: 'part.key' goes to that part, a plain key to every part that has it."""
     if getattr(method, "parts", ()):
         return _composed_configs(method, values, source, testbed)

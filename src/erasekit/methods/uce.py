@@ -3,6 +3,9 @@
 Target keys c_i (the target prompt's embedding row) are mapped to v*_i = W0 c_guide_i (the anchor
 prompt's row through the original layer) while preserve keys keep their outputs; lam ties W to W0.
 Defaults are the public code's: lam 0.5, erase and preserve scales 1, keys at [KEY], guide "".
+On the testbed (and UCE's derivative RECE) the keys are every aligned row: its MiniLM encoder is bidirectional
+and writes the concept into every token, so the [KEY] row alone left striped at 0.97 and red at 0.50 of
+canonical prompts, and the aligned rows take both to 0.00 (docs/results/closed_form.md).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from ..delta import Delta
 from ..linalg import uce_solve
 from ..model import Model
 from .common import KVStack, paired_rows, single_rows
+
+TESTBED = {"positions": "aligned"}
 
 
 @dataclass
