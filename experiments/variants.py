@@ -15,8 +15,8 @@ def testbed_method(name: str):
 
 
 def testbed_spec(method, concepts):
-    """The testbed erasure spec in the form the method takes: closed-form methods map caption pairs; the
-    fine-tuning methods (ESD family) get the concept phrases alone, as their papers do."""
+    """The testbed erasure spec in the form the method takes: captions, except for the ESD family (ESD,
+    Co-Erasing, SCORE), which gets the concept phrases alone, as their papers do."""
     from erasekit.testbed.spec import erasure_spec
 
-    return erasure_spec(list(concepts), captions=not (method.fine_tuning or method.parts))
+    return erasure_spec(list(concepts), captions=not method.phrases_only)

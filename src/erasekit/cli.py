@@ -163,7 +163,7 @@ def cmd_erase(args) -> None:
     values = read_mapping(args.config, "config file") if args.config else {}
     values.update(key_values(args.set, "--set"))
     cfg = methods.build_config(method, values, source=args.config or "--set", testbed=args.model == "testbed")
-    spec = build_spec(args, captions=not (method.fine_tuning or method.parts))
+    spec = build_spec(args, captions=not method.phrases_only)
     if Path(args.out).exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists: choose another path or pass --overwrite")
     model = load_for_run(args.model)
@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", help="template set for --expand: object (default) or art")
     p.add_argument("--testbed-spec", action="store_true",
                    help="testbed only: the spec of its experiments (training synonyms, another value of the same "
-                        "attribute as anchor, the other values preserved; closed-form methods also get 24 "
-                        "captions in the testbed's grammar)")
+                        "attribute as anchor, the other values preserved, 24 captions in the testbed's grammar; "
+                        "the ESD family gets the phrases alone)")
     p.add_argument("--spec", help="a YAML/TOML/JSON concept spec instead of --concept/--anchor/--preserve")
     p.add_argument("--config", help="a YAML/TOML/JSON file of method options")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")

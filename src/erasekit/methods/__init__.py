@@ -21,6 +21,9 @@ class Method:
     testbed: dict = dataclasses.field(default_factory=dict)
     fine_tuning: bool = False  # its erase takes base_values (what an earlier stage changed) when composed
     parts: tuple = ()  # a composition "A+B": the methods it runs in order
+    # its objective compares a prompt with the empty prompt (ESD's negative guidance), so it takes concept
+    # phrases: a whole caption would erase everything the caption names
+    phrases_only: bool = False
 
 
 def _registry() -> dict[str, Method]:
@@ -35,16 +38,16 @@ def _registry() -> dict[str, Method]:
                "zero-residual progressive edit (closed form, text encoder + K/V)"),
         Method("trce-stage1", trce.TRCEStage1Config, trce.erase, "TRCE textual erasure of [EoT] (closed form)"),
         Method("esd", esd.ESDConfig, esd.erase, "ESD: negative-guidance fine-tuning (esd-x, -x-strict, -u, -all)",
-               esd.TESTBED, fine_tuning=True),
+               esd.TESTBED, fine_tuning=True, phrases_only=True),
         Method("trce-stage2", trce2.TRCEStage2Config, trce2.erase,
                "TRCE trajectory steering (fine-tuning attn1 and to_q; run after trce-stage1)", trce2.TESTBED,
                fine_tuning=True),
         Method("co-erasing", coerasing.CoErasingConfig, coerasing.erase,
                "Co-Erasing: ESD on text, then ESD with image tokens of the concept (fine-tuning)", coerasing.TESTBED,
-               fine_tuning=True),
+               fine_tuning=True, phrases_only=True),
         Method("score", score.SCOREConfig, score.erase,
                "SCORE as we read it: saliency-masked ESD with a discriminator on clean estimates (fine-tuning)",
-               score.TESTBED, fine_tuning=True),
+               score.TESTBED, fine_tuning=True, phrases_only=True),
     )}
     methods["trce"] = _compose(methods, "trce-stage1+trce-stage2", name="trce",
                                summary="full TRCE: stage 1 (closed form) then stage 2 (fine-tuning)")
@@ -68,7 +71,8 @@ def _compose(methods: dict[str, Method], text: str, name: str | None = None, sum
     def erase(model, spec, cfgs):
         return erase_composed(model, spec, cfgs, parts, name)
 
-    return Method(name, type(None), erase, summary or " then ".join(p.name for p in parts), parts=parts)
+    return Method(name, type(None), erase, summary or " then ".join(p.name for p in parts), parts=parts,
+                  phrases_only=any(p.phrases_only for p in parts))
 
 
 def get_single(methods: dict[str, Method], name: str) -> Method:

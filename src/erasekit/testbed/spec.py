@@ -9,9 +9,10 @@
   words, seed distinct from every evaluation set's), so the edit sees the concept in the sentences it is
   prompted with. The evaluation prompts are drawn from the same grammar, so some captions coincide.
 
-Why the anchor is a sibling value: with the empty anchor a caption without a shape word makes the testbed
-draw its default round blob, which the judge calls a circle. Why caption templates: the testbed's
-bidirectional encoder writes the shape into every token of the caption, not only the shape word's.
+Why: UCE (at [KEY], 32 canonical prompts) left circle at 0.84 with the empty anchor and the object templates
+("image of {}"); a sibling anchor alone brought it to 0.125, captions with the empty anchor to 0.53, both to
+0.03. With no shape word the testbed draws its default round blob, which the judge calls a circle; and the
+bidirectional encoder writes the concept into every token of a caption, which "image of {}" does not show.
 """
 
 from __future__ import annotations
