@@ -115,7 +115,7 @@ def test_composition_gives_one_delta_with_both_stages(model, tmp_path):
                                            "esd.parameters": "esd-u"}, testbed=True)
     delta = composed.erase(model, spec(), cfgs)
     uce = methods.get("uce")
-    alone = uce.erase(model, spec(), uce.config())
+    alone = uce.erase(model, spec(), methods.build_config(uce, {}, testbed=True))  # the part's settings
     assert set(alone.tensors) <= set(delta.tensors)
     for k in alone.tensors:  # esd-u does not touch the K/V UCE edited
         assert torch.allclose(delta.tensors[k], alone.tensors[k], atol=1e-6)
