@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from variants import testbed_method, testbed_spec
+from variants import testbed_method
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("uce", "rece", "erasepro", "trce-stage1")
@@ -42,6 +42,7 @@ def main() -> None:
     from erasekit.evaluation.judges import get_judge
     from erasekit.evaluation.runner import Settings, Variant
     from erasekit.evaluation.suites import load_suite
+    from erasekit.testbed.spec import erasure_spec
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--concept", default="star")
@@ -62,7 +63,7 @@ def main() -> None:
         row = results["methods"].setdefault(name, {"attacks": {}})
         method, cfg = testbed_method(name)  # a variant: "uce:positions=all"
         t0 = time.time()
-        delta = method.erase(model, testbed_spec(method, [args.concept]), cfg)
+        delta = method.erase(model, erasure_spec([args.concept], method), cfg)
         row["edit_seconds"] = round(time.time() - t0, 2)
         ctx = make_context(model, Variant(name, (delta,), (name,)), judge, suite.concepts, settings)
         for attack_name in args.attacks:

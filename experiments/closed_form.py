@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from variants import testbed_method, testbed_spec
+from variants import testbed_method
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPT_SETS = (("circle",), ("striped",), ("red",), ("grass",), ("red", "striped"))
@@ -41,6 +41,7 @@ def main() -> None:
     from erasekit.checkpoint import atomic_write_text
     from erasekit.testbed.evaluate import concept_report, measure_concepts, public
     from erasekit.testbed.judge import load_judge
+    from erasekit.testbed.spec import erasure_spec
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=100)
@@ -66,7 +67,7 @@ def main() -> None:
         for name in todo:
             method, cfg = testbed_method(name)  # a variant: "trce-stage1:positions=all"
             t0 = time.time()
-            delta = method.erase(model, testbed_spec(method, concepts), cfg)
+            delta = method.erase(model, erasure_spec(list(concepts), method), cfg)
             seconds = time.time() - t0
             report = concept_report(model, judge, list(concepts), [delta], args.samples, original=original)
             report["edit_seconds"] = round(seconds, 3)

@@ -218,7 +218,8 @@ def test_the_testbed_erasure_spec_writes_captions_with_a_sibling_anchor():
 
 def test_uce_on_every_aligned_row_erases_a_testbed_shape():
     """The testbed's encoder spreads the shape word over the caption: the aligned edit removes circle
-    from canonical prompts and keeps the other shapes (0.03 and 0.984 on 32 prompts, docs/results)."""
+    from canonical prompts and keeps the other shapes (0.03 and preservation 1.000 on 32 prompts,
+    docs/results/closed_form.md)."""
     from erasekit.testbed.evaluate import generate, judge_verdicts
     from erasekit.testbed.judge import load_judge
     from erasekit.testbed.prompts import concept_prompts, preservation_prompts

@@ -40,7 +40,7 @@ def run_demo(out: str | Path = "erasekit-demo", samples: int = 10, concept: str 
 
     out = Path(out)
     replace = _check_out(out)
-    closed_form_method(method)
+    erasing = closed_form_method(method)
     attribute_of(concept)  # an unknown concept fails here, before any work
     start = time.time()
     print("loading the testbed (a 4.7M-parameter text-to-image model, 16x16 pixels) and its judge")
@@ -63,7 +63,7 @@ def run_demo(out: str | Path = "erasekit-demo", samples: int = 10, concept: str 
         table[kind] = accuracy(judge_verdicts(judge, generate(model, prompts)), prompts)
         print(f"  {kind:<10} " + "  ".join(f"{a} {table[kind][a]:.2f}" for a in ATTRIBUTES))
 
-    delta, before_after = erase_step(model, judge, concept, method, samples)
+    delta, before_after = erase_step(model, judge, concept, method, erasing, samples)
     delta_name = f"{concept}-{method}.safetensors"
 
     with atomic_dir(out, overwrite=replace) as tmp:
@@ -88,28 +88,28 @@ def run_demo(out: str | Path = "erasekit-demo", samples: int = 10, concept: str 
 
 
 def closed_form_method(name: str):
-    """(method, settings) for the demo's erasure: a closed-form method or variant ("uce", "uce:lam=0.2")."""
+    """(method, config) for the demo's erasure, at the testbed's settings: a closed-form method or variant
+    ("uce", "uce:lam=0.2"), checked before any work."""
     from . import methods
 
     method, values = methods.variant(name)
     if method.fine_tuning or method.parts:
         raise UserError(f"the demo erases with a closed-form method (uce, rece, erasepro, trce-stage1), not "
                         f"{name!r}: run 'erasekit erase --method {name}' for fine-tuning")
-    return method, values
+    return method, methods.build_config(method, values, testbed=True)
 
 
-def erase_step(model, judge, concept: str, method_name: str, samples: int):
-    """Erase one testbed concept with a closed-form method; before/after grid of a few prompts."""
-    from . import methods
+def erase_step(model, judge, concept: str, method_name: str, erasing, samples: int):
+    """Erase one testbed concept with a closed-form method (erasing: closed_form_method's (method, config));
+    before/after grid of a few prompts."""
     from .grid import make_grid, to_pil
     from .testbed.evaluate import generate
     from .testbed.prompts import concept_prompts
     from .testbed.spec import erasure_spec
 
-    method, values = closed_form_method(method_name)
-    spec = erasure_spec([concept])
+    method, cfg = erasing
     t0 = time.time()
-    delta = method.erase(model, spec, methods.build_config(method, values, testbed=True))
+    delta = method.erase(model, erasure_spec([concept], method), cfg)
     print(f"\nerasing {concept!r} with {method_name} (closed form, {len(delta.tensors)} tensors) took "
           f"{time.time() - t0:.2f} s")
     shown = concept_prompts(concept, "canonical", 4, seed=90) + concept_prompts(concept, "heldout", 2, seed=95)

@@ -28,6 +28,10 @@ class UnlearnDiffConfig:
     # which 40 steps of lr 0.01 rarely move (on the testbed: ASR 0.00 against UCE on circle, 8 prompts)
     init: str = "uniform"
 
+    def __post_init__(self):
+        if self.init not in ("uniform", "random"):
+            raise UserError(f"unknown UnlearnDiffAtk init {self.init!r}: use 'uniform' or 'random'")
+
 
 TESTBED: dict = {}  # the published settings are already small
 
@@ -51,8 +55,6 @@ def attack(ctx: AttackContext, prompt, cfg: UnlearnDiffConfig, gen: torch.Genera
     table = embedding_table(model).weight
     vocab = ctx.vocab.to(table.device)
     words = table[vocab].detach().float()
-    if cfg.init not in ("uniform", "random"):
-        raise UserError(f"unknown UnlearnDiffAtk init {cfg.init!r}: use 'uniform' or 'random'")
     if cfg.init == "uniform":
         z = torch.full((cfg.prefix_tokens, len(vocab)), 1.0 / len(vocab), device=table.device).requires_grad_()
     else:

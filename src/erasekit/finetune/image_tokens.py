@@ -64,7 +64,6 @@ class IPAdapterImageTokens:
         mean, std = _normalisation(folder)
         self.mean = torch.tensor(mean, device=model.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=model.device).view(1, 3, 1, 1)
-        self.source = str(weights)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP's preprocessing: shorter side resized to the encoder's size (bicubic), centre crop, normalised."""

@@ -44,7 +44,7 @@ def aligned_rows(target: Encoded, anchor: Encoded) -> tuple[torch.Tensor, torch.
     the anchor's row at the same offset into its middle, or its last middle row, or, for an empty anchor,
     the last prefix row. A bidirectional encoder (the testbed's MiniLM, T5) writes the concept into every
     row of the prompt, not only the phrase's: this is the mode that reaches all of them."""
-    t_idx, a_idx = [], []
+    rows, t_pos, a_pos = [], [], []  # prompt index, target position, anchor position of every pair
     length = target.embeddings.shape[1]
     for i in range(len(target.prompts)):
         te, ae = int(target.eot[i]), int(anchor.eot[i])
@@ -62,14 +62,15 @@ def aligned_rows(target: Encoded, anchor: Encoded) -> tuple[torch.Tensor, torch.
                 j = a_middle[min(k - prefix, len(a_middle) - 1)]
             else:
                 j = max(prefix - 1, 0)
-            t_idx.append((i, k))
-            a_idx.append((i, j))
-        for k in range(1, length - max(te, ae)):
-            t_idx.append((i, te + k))
-            a_idx.append((i, ae + k))
-    t_rows = torch.stack([target.embeddings[i, k] for i, k in t_idx])
-    a_rows = torch.stack([anchor.embeddings[i, k] for i, k in a_idx])
-    return t_rows, a_rows
+            rows.append(i)
+            t_pos.append(k)
+            a_pos.append(j)
+        padding = range(1, length - max(te, ae))
+        rows += [i] * len(padding)
+        t_pos += [te + k for k in padding]
+        a_pos += [ae + k for k in padding]
+    rows = torch.tensor(rows)
+    return target.embeddings[rows, torch.tensor(t_pos)], anchor.embeddings[rows, torch.tensor(a_pos)]
 
 
 def single_rows(enc: Encoded, positions: str) -> torch.Tensor:

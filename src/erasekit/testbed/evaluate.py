@@ -24,21 +24,22 @@ def judge_verdicts(judge, images: torch.Tensor) -> dict[str, torch.Tensor]:
     return judge.predict(images.to(judge.device) * 2 - 1)
 
 
+def _hits(verdicts: dict[str, torch.Tensor], prompts: list[TestbedPrompt], attr: str):
+    """(asked-for value indices, whether the judged value is the asked-for one), per image."""
+    wanted = torch.tensor([VALUES[attr].index(p.values[attr]) for p in prompts])
+    return wanted, verdicts[attr].cpu() == wanted
+
+
 def accuracy(verdicts: dict[str, torch.Tensor], prompts: list[TestbedPrompt]) -> dict[str, float]:
     """Per attribute: the share of images whose judged value is the value the prompt asked for."""
-    out = {}
-    for attr in ATTRIBUTES:
-        wanted = torch.tensor([VALUES[attr].index(p.values[attr]) for p in prompts])
-        out[attr] = round(float((verdicts[attr].cpu() == wanted).float().mean()), 4)
-    return out
+    return {attr: round(float(_hits(verdicts, prompts, attr)[1].float().mean()), 4) for attr in ATTRIBUTES}
 
 
 def value_accuracy(verdicts: dict[str, torch.Tensor], prompts: list[TestbedPrompt]) -> dict[str, dict]:
     """Per attribute and asked-for value: {"accuracy", "n"} (a weak value hides in an attribute's mean)."""
     out = {}
     for attr in ATTRIBUTES:
-        wanted = torch.tensor([VALUES[attr].index(p.values[attr]) for p in prompts])
-        hits = verdicts[attr].cpu() == wanted
+        wanted, hits = _hits(verdicts, prompts, attr)
         out[attr] = {value: {"accuracy": round(float(hits[wanted == i].float().mean()), 4),
                              "n": int((wanted == i).sum())}
                      for i, value in enumerate(VALUES[attr]) if (wanted == i).any()}

@@ -51,10 +51,11 @@ def sibling(concept: str) -> str:
     return canonical(attr, next(v for v in VALUES[attr] if v != concept))
 
 
-def erasure_spec(concepts: list[str], templates: int = 24, captions: bool = True) -> ConceptSpec:
-    """The spec for erasing these testbed concepts (see the module's docstring). captions=False gives the
-    phrases alone, as ESD-style fine-tuning wants them: its negative guidance removes everything a prompt adds
-    to the empty one, so a whole caption would erase its colour, style and background too."""
+def erasure_spec(concepts: list[str], method=None, templates: int = 24) -> ConceptSpec:
+    """The spec for erasing these testbed concepts with `method` (see the module's docstring). A method that
+    takes phrases only (the ESD family) gets the phrases alone: its negative guidance removes everything a
+    prompt adds to the empty one, so a whole caption would erase its colour, style and background too."""
+    captions = not getattr(method, "phrases_only", False)
     targets = []
     for c in concepts:  # every training wording: a background's canonical one is a phrase ("on grass")
         words = wordings(attribute_of(c), c, "canonical") + wordings(attribute_of(c), c, "synonym")
