@@ -318,6 +318,24 @@ def test_a_killed_attack_resumes_to_the_same_results(delta, tmp_path, monkeypatc
     assert (tmp_path / "killed" / "results.json").read_bytes() == (whole / "results.json").read_bytes()
 
 
+def test_resuming_another_runs_folder_attacks_anew(delta, tmp_path, monkeypatch, capsys):
+    """--resume on a folder of another run (here: other iterations) reuses its images, never its verdicts."""
+    out = tmp_path / "run"
+    assert run(capsys, *attack_argv(delta, "unlearndiff", out, "--set", "target:heldout"))[0] == 0
+    attacked = read(out)["attacked"]
+    calls = []
+    real = unlearndiff.attack
+
+    def count(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(unlearndiff, "attack", count)
+    argv = attack_argv(delta, "unlearndiff", out, "--set", "target:heldout", "--option", "iterations=4", "--resume")
+    assert run(capsys, *argv)[0] == 0
+    assert attacked >= 1 and len(calls) == attacked and read(out)["protocol"]["config"]["iterations"] == 4
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

@@ -74,7 +74,8 @@ def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out
                 "packages": package_versions()}
     protected = [Path(model.source)] if Path(model.source).is_dir() else []
     prepared = attack.prepare(ctx, suite, cfg) if attack.prepare else None  # its errors before any folder
-    check_run_dir(out, protocol, resume=resume, overwrite=overwrite, protected=protected)
+    if not check_run_dir(out, protocol, resume=resume, overwrite=overwrite, protected=protected):
+        (out / PROGRESS).unlink(missing_ok=True)  # another run's verdicts (another delta or config): attack anew
     cache = ImageCache(out / "cache")
     prompts = list(pset.prompts)
     key = {"original": [], "erased": ctx.erased.hashes()}

@@ -42,11 +42,13 @@ def protocol_hash(protocol: dict) -> str:
     return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()
 
 
-def check_run_dir(out: Path, protocol: dict, resume: bool, overwrite: bool, protected: list[Path] = ()) -> None:
+def check_run_dir(out: Path, protocol: dict, resume: bool, overwrite: bool, protected: list[Path] = ()) -> bool:
     """Prepare out for a run with this protocol. The same run, killed before it finished, continues; a
-    folder holding another run's results is refused unless resume (reuse its cached images) or overwrite."""
+    folder holding another run's results is refused unless resume (reuse its cached images) or overwrite.
+    Returns False when the folder held another run (resumed): its per-item records are not this run's."""
     out = Path(out)
     refuse_overlap(out, protected)
+    same = True
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is a file: choose a folder path")
     marker = out / MARKER
@@ -56,13 +58,16 @@ def check_run_dir(out: Path, protocol: dict, resume: bool, overwrite: bool, prot
         elif not marker.is_file():
             raise UserError(f"output folder {out} is not empty and holds no erasekit run: choose another folder "
                             "or pass --overwrite")
-        elif _marker_hash(marker) != protocol_hash(protocol) and not resume:
-            raise UserError(f"output folder {out} holds another run's results: pass --resume to continue it "
-                            "(cached images are reused where they match), --overwrite to replace it, "
-                            "or choose another folder")
+        elif _marker_hash(marker) != protocol_hash(protocol):
+            if not resume:
+                raise UserError(f"output folder {out} holds another run's results: pass --resume to continue it "
+                                "(cached images are reused where they match), --overwrite to replace it, "
+                                "or choose another folder")
+            same = False
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"protocol_hash": protocol_hash(protocol), "protocol": protocol},
                                          indent=2) + "\n")
+    return same
 
 
 def _marker_hash(marker: Path) -> str:
