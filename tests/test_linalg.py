@@ -84,6 +84,15 @@ def test_constrained_min_norm_zero_residual_and_minimum_norm(gen):
     assert torch.allclose(dw, ref, atol=1e-9)
 
 
+def test_constrained_min_norm_reaches_shifted_outputs(gen):
+    out, d, n = 8, 10, 3
+    w0, x, y, shift = rand(gen, 1, out, d), rand(gen, 1, d, n), rand(gen, 1, d, n), rand(gen, 1, out, n)
+    dw, residual = linalg.constrained_min_norm(w0, x, y, shift=shift)
+    assert residual.max() < 1e-10
+    assert torch.allclose((w0 + dw) @ x, w0 @ y + shift, atol=1e-9)
+    assert not torch.allclose(dw, linalg.constrained_min_norm(w0, x, y)[0])
+
+
 def test_constrained_min_norm_with_preservation_metric_and_overdetermined(gen):
     out, d, n = 8, 6, 4
     w0, x, y, p = rand(gen, 1, out, d), rand(gen, 1, d, n), rand(gen, 1, d, n), rand(gen, d, 20)

@@ -93,14 +93,15 @@ def regenerating_embedding(w_edit: Tensor, w0: Tensor, concept: Tensor, mu: floa
 
 
 def constrained_min_norm(w0: Tensor, x: Tensor, y: Tensor, preserve: Tensor | None = None,
-                         lam: float = 1e-2, rcond: float = 1e-10) -> tuple[Tensor, Tensor]:
+                         lam: float = 1e-2, rcond: float = 1e-10, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """ErasePro's zero-residual update, batched over layers.
 
-    min ||dW||^2_{M}  s.t.  (W0 + dW) X = W0 Y   with X, Y (B or 1, d, N) target/anchor input features
-    (columns), M = P P^T + lam I (P: (d, N_p) preservation features; M = I without them):
-        dW = R (X^T M^-1 X)^+ X^T M^-1,   R = W0 (Y - X).
+    min ||dW||^2_{M}  s.t.  (W0 + dW) X = W0 Y + S   with X, Y (B or 1, d, N) target/anchor input features
+    (columns), S an optional (B or 1, out, N) shift of the wanted outputs (default 0), M = P P^T + lam I
+    (P: (d, N_p) preservation features; M = I without them):
+        dW = R (X^T M^-1 X)^+ X^T M^-1,   R = W0 (Y - X) + S.
     Exactly zero residual when X has full column rank (N <= d); otherwise the least-squares fit.
-    Returns (dW (B, out, d) float64, relative residual per layer (B,) = ||(W0+dW)X - W0 Y|| / ||W0 Y||).
+    Returns (dW (B, out, d) float64, relative residual per layer (B,) = ||(W0+dW)X - T|| / ||T||, T = W0 Y + S).
     """
     w0, x, y = w0.double(), x.double(), y.double()
     d = w0.shape[-1]
@@ -112,9 +113,9 @@ def constrained_min_norm(w0: Tensor, x: Tensor, y: Tensor, preserve: Tensor | No
         minv_x = torch.cholesky_solve(x, chol)  # M^-1 X  (.., d, N)
     else:
         minv_x = x
-    r = w0 @ (y - x)  # (B, out, N)
+    target = w0 @ y if shift is None else w0 @ y + shift.double()
+    r = target - w0 @ x  # (B, out, N)
     small = x.transpose(-1, -2) @ minv_x  # X^T M^-1 X  (.., N, N)
     dw = r @ torch.linalg.pinv(small, rtol=rcond, hermitian=True) @ minv_x.transpose(-1, -2)
-    target = w0 @ y
     residual = ((w0 + dw) @ x - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp(min=1e-30)
     return dw, residual

@@ -193,6 +193,18 @@ class Model:
                 layers.append((f"text_encoder.{name}.weight", module))
         return layers
 
+    def residual_sum(self, key: str) -> tuple[torch.nn.Module, str]:
+        """Where a text MLP output projection's output joins the residual stream, as (module, 'input' or
+        'output'): the hidden state there is that projection's output plus what skips around it. CLIP
+        (pre-LN): the encoder layer's output. BERT (post-LN): the input of output.LayerNorm."""
+        name = key.removeprefix("text_encoder.").removesuffix(".weight")
+        modules = dict(self.text_encoder.named_modules())
+        if name.endswith("mlp.fc2"):
+            return modules[name.removesuffix(".mlp.fc2")], "output"
+        if name.endswith("output.dense"):
+            return modules[name.removesuffix(".dense") + ".LayerNorm"], "input"
+        raise UserError(f"{key} is not a text MLP output projection this adapter knows (CLIP fc2, BERT output.dense)")
+
     def parameter(self, name: str) -> torch.Tensor:
         """A parameter by delta key: bare names are the UNet's, 'text_encoder.*' the text encoder's."""
         component, key = split_key(name)

@@ -7,18 +7,22 @@ import torch
 from ..errors import UserError
 from ..model import Encoded, Model
 
-POSITIONS = ("key", "eot", "key+eot", "eot+padding", "all", "aligned")
+POSITIONS = ("key", "eot", "key+eot", "eot+padding", "all", "aligned", "phrase", "phrase+eot")
+ALIGNED_PARTS = frozenset({"prefix", "phrase", "suffix", "eot", "padding"})
 
 
 def paired_rows(target: Encoded, anchor: Encoded, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Aligned embedding rows of target and anchor prompts (pair i with pair i) at the chosen positions:
     'key' (last content token), 'eot' (first end-of-text), 'key+eot', 'eot+padding' ([EoT] and the rows after
     it, matched by offset from [EoT]), 'all' (every row from [KEY] on: key, eot and padding), 'aligned' (every
-    row of the prompt, start token and padding included, matched as aligned_rows says)."""
+    row of the prompt, start token and padding included, matched as aligned_rows says), 'phrase' (the rows of
+    the target phrase alone, paired as in 'aligned'), 'phrase+eot' (those and [EoT])."""
     if positions not in POSITIONS:
         raise UserError(f"unknown positions {positions!r}: use one of {', '.join(POSITIONS)}")
     if positions == "aligned":
         return aligned_rows(target, anchor)
+    if positions.startswith("phrase"):
+        return aligned_rows(target, anchor, frozenset(positions.split("+")))
     t_rows, a_rows = [], []
     length = target.embeddings.shape[1]
     for i in range(len(target.prompts)):
@@ -37,13 +41,15 @@ def paired_rows(target: Encoded, anchor: Encoded, positions: str) -> tuple[torch
     return torch.stack(t_rows), torch.stack(a_rows)
 
 
-def aligned_rows(target: Encoded, anchor: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+def aligned_rows(target: Encoded, anchor: Encoded, parts: frozenset[str] = ALIGNED_PARTS
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row of each target prompt with its counterpart in the anchor prompt. The prompts share a
     template, so their token ids agree on a prefix and on a suffix through [EoT]: those rows pair one to one,
     padding pairs by offset from [EoT], and each row of the differing middle (the target phrase) pairs with
     the anchor's row at the same offset into its middle, or its last middle row, or, for an empty anchor,
     the last prefix row. A bidirectional encoder (the testbed's MiniLM, T5) writes the concept into every
-    row of the prompt, not only the phrase's: this is the mode that reaches all of them."""
+    row of the prompt, not only the phrase's: this is the mode that reaches all of them.
+    parts keeps some of the rows: 'prefix', 'phrase', 'suffix' (before [EoT]), 'eot', 'padding'."""
     rows, t_pos, a_pos = [], [], []  # prompt index, target position, anchor position of every pair
     length = target.embeddings.shape[1]
     for i in range(len(target.prompts)):
@@ -55,26 +61,31 @@ def aligned_rows(target: Encoded, anchor: Encoded) -> tuple[torch.Tensor, torch.
         a_middle = range(prefix, len(a_ids) - suffix)
         for k in range(len(t_ids)):
             if k < prefix:
-                j = k
+                j, part = k, "prefix"
             elif k >= len(t_ids) - suffix:
-                j = k - len(t_ids) + len(a_ids)
+                j, part = k - len(t_ids) + len(a_ids), "eot" if k == te else "suffix"
             elif len(a_middle):
-                j = a_middle[min(k - prefix, len(a_middle) - 1)]
+                j, part = a_middle[min(k - prefix, len(a_middle) - 1)], "phrase"
             else:
-                j = max(prefix - 1, 0)
-            rows.append(i)
-            t_pos.append(k)
-            a_pos.append(j)
-        padding = range(1, length - max(te, ae))
+                j, part = max(prefix - 1, 0), "phrase"
+            if part in parts:
+                rows.append(i)
+                t_pos.append(k)
+                a_pos.append(j)
+        padding = range(1, length - max(te, ae)) if "padding" in parts else range(0)
         rows += [i] * len(padding)
         t_pos += [te + k for k in padding]
         a_pos += [ae + k for k in padding]
-    rows = torch.tensor(rows)
-    return target.embeddings[rows, torch.tensor(t_pos)], anchor.embeddings[rows, torch.tensor(a_pos)]
+    rows = torch.tensor(rows, dtype=torch.long)
+    return (target.embeddings[rows, torch.tensor(t_pos, dtype=torch.long)],
+            anchor.embeddings[rows, torch.tensor(a_pos, dtype=torch.long)])
 
 
 def single_rows(enc: Encoded, positions: str) -> torch.Tensor:
-    """Rows of one prompt set at the chosen positions (as paired_rows, against itself)."""
+    """Rows of one prompt set at the chosen positions (as paired_rows, against itself). A prompt with no
+    anchor has no phrase of its own, so the phrase modes take every row of it up to [EoT]."""
+    if positions.startswith("phrase"):
+        return aligned_rows(enc, enc, ALIGNED_PARTS - {"padding"})[0]
     return paired_rows(enc, enc, positions)[0]
 
 
