@@ -63,7 +63,7 @@ def main() -> None:
         row = results["methods"].setdefault(name, {"attacks": {}})
         method, cfg = testbed_method(name)  # a variant: "uce:positions=all"
         t0 = time.time()
-        delta = method.erase(model, erasure_spec([args.concept], method), cfg)
+        delta = method.erase(model, erasure_spec([args.concept], cfg), cfg)
         row["edit_seconds"] = round(time.time() - t0, 2)
         ctx = make_context(model, Variant(name, (delta,), (name,)), judge, suite.concepts, settings)
         for attack_name in args.attacks:

@@ -67,7 +67,7 @@ def main() -> None:
         for name in todo:
             method, cfg = testbed_method(name)  # a variant: "trce-stage1:positions=all"
             t0 = time.time()
-            delta = method.erase(model, erasure_spec(list(concepts), method), cfg)
+            delta = method.erase(model, erasure_spec(list(concepts), cfg), cfg)
             seconds = time.time() - t0
             report = concept_report(model, judge, list(concepts), [delta], args.samples, original=original)
             report["edit_seconds"] = round(seconds, 3)

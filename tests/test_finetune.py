@@ -80,6 +80,33 @@ def test_esd_changes_only_its_parameter_set_and_leaves_the_model_as_it_was(model
     assert len(log) == 6 and (tmp_path / "run" / "checkpoint.safetensors").is_file()
 
 
+def test_esd_anchor_guide_pulls_toward_the_paired_prompt(model):
+    """guide='anchor', eta=0: at the starting weights the loss is the distance between the model's own
+    outputs for the target prompt and its paired anchor prompt on the rollout's x_t; guide='empty' compares
+    with the empty prompt. The spec form follows: captions for 'anchor', phrases for 'empty'."""
+    from erasekit.testbed.spec import erasure_spec, takes_phrases_only
+
+    pairs = [ConceptSpec([Concept("red")], anchors=["green"], templates=["a solid {} star on grass"]).pairs()[0]]
+    named = params.select(model, "esd-x")
+    frozen = params.Frozen(model, named)
+    for guide, reference in (("anchor", pairs[0].anchor), ("empty", "")):
+        cfg = esd.ESDConfig(guide=guide, eta=0.0, sampler_steps=4)
+        loss, logs = esd.ESDLoss(model, pairs, frozen, cfg)(0, torch.Generator().manual_seed(3))
+        gen = torch.Generator().manual_seed(3)  # the same draws as the loss made: pair, step, noise
+        torch.randint(0, 1, (1,), generator=gen)
+        k = int(torch.randint(0, 4, (1,), generator=gen))
+        noise = torch.randn(model.latent_shape, generator=gen)[None] * model.scheduler.init_noise_sigma
+        c, r, u = (model.encode([p]).embeddings for p in (pairs[0].target, reference, ""))
+        x_t, t = frozen.rollout(c, u, noise, 4, k, cfg.guidance)
+        expected = torch.nn.functional.mse_loss(model.raw(x_t, t, c), frozen.raw(x_t, t, r))
+        assert logs["k"] == k and torch.allclose(loss, expected, rtol=1e-4), guide
+    assert not takes_phrases_only(esd.ESDConfig(guide="anchor")) and takes_phrases_only(esd.ESDConfig())
+    assert erasure_spec(["red"], esd.ESDConfig(guide="anchor")).expand
+    assert erasure_spec(["red"], [None, esd.ESDConfig()]).templates == erasure_spec(["red"], esd.ESDConfig()).templates
+    with pytest.raises(UserError, match="guide"):
+        esd.ESDConfig(guide="anchors")
+
+
 def test_resume_after_a_kill_gives_the_same_delta(model, tmp_path, monkeypatch):
     whole = _esd(model, tmp_path / "whole")
     calls = {"n": 0}

@@ -83,6 +83,40 @@ def test_erasepro_zero_residual_and_per_layer_record(model):
     assert len(kv_only.stats["per_layer"]) == 1 and not any(k.startswith("text_encoder") for k in kv_only.tensors)
 
 
+@pytest.mark.parametrize("positions", ["key+eot", "phrase"])
+def test_erasepro_stream_match_makes_the_first_layers_hidden_state_the_anchors(model, positions):
+    """match='stream': after the first text layer the target rows hold what the anchor's held in the
+    original model (the projection's output and what skips around it); match='output' leaves the skip's
+    difference in place."""
+    spec = ConceptSpec([Concept("cat", ["kitten"])], anchors=["dog"], expand=True)
+    pairs = spec.pairs()
+    layer0 = next(m for n, m in model.text_encoder.named_modules() if n.endswith("encoder.layers.0"))
+
+    def first_layer_rows(prompts_t, prompts_a):
+        out = {}
+        for name, prompts in (("t", prompts_t), ("a", prompts_a)):
+            seen = []
+            handle = layer0.register_forward_hook(
+                lambda m, args, o: seen.append((o[0] if isinstance(o, tuple) else o).detach()))
+            try:
+                enc = model.encode(prompts)
+            finally:
+                handle.remove()
+            out[name] = enc.__class__(**{**enc.__dict__, "embeddings": seen[0]})
+        return paired_rows(out["t"], out["a"], positions)
+
+    _, wanted = first_layer_rows([p.target for p in pairs], [p.anchor for p in pairs])
+    for match, close in (("stream", True), ("output", False)):
+        delta = erasepro.erase(model, spec, erasepro.EraseProConfig(layers="text", positions=positions, match=match))
+        assert all(r["residual"] < 1e-4 for r in delta.stats["per_layer"])
+        with delta.applied(model):
+            got, _ = first_layer_rows([p.target for p in pairs], [p.anchor for p in pairs])
+        err = float((got - wanted).norm() / wanted.norm())
+        assert (err < 1e-4) if close else (err > 1e-2), (match, err)
+    with pytest.raises(UserError, match="match"):
+        erasepro.EraseProConfig(match="hidden")
+
+
 def test_erasepro_warns_when_targets_exceed_the_feature_dimension(model):
     spec = ConceptSpec([Concept("cat", ["kitten", "kitty", "tomcat"])], anchors=["dog"], expand=True)  # 40 > 32
     with pytest.warns(UserWarning, match="residual cannot be zero"):
@@ -174,6 +208,15 @@ def test_method_variants_carry_their_settings():
         assert methods.build_config(methods.get(name), {}, testbed=True).positions == "aligned"
         assert methods.build_config(methods.get(name), {}).positions == "key"
         assert methods.build_config(methods.get(name), {"positions": "key"}, testbed=True).positions == "key"
+    assert methods.build_config(methods.get("erasepro"), {}, testbed=True).positions == "phrase"
+    assert methods.build_config(methods.get("erasepro"), {}).positions == "key+eot"
+    # the ESD family trains on captions against their anchors there; SCORE keeps its own preservation term
+    esd_cfg, score_cfg = (methods.build_config(methods.get(n), {}, testbed=True) for n in ("esd", "score"))
+    assert (esd_cfg.guide, esd_cfg.preserve_weight, score_cfg.guide, score_cfg.preserve_weight) == (
+        "anchor", 1.0, "anchor", 0.0)
+    assert methods.build_config(methods.get("esd"), {}).guide == "empty"
+    with pytest.raises(UserError, match="traj_weight"):
+        methods.build_config(methods.get("score"), {"preserve_weight": "1"})
     with pytest.raises(UserError, match="KEY=VALUE"):
         methods.variant("uce:positions")
 
@@ -202,6 +245,12 @@ def test_aligned_positions_pair_every_row_around_the_differing_phrase():
     assert pairs[8:] == [(8, 7), (9, 8)]  # padding by offset from [SEP]
     empty = encoded([[101, 1, 2, 3, 4, 102]], length=10)  # the empty anchor: the phrase maps to the last prefix row
     assert [(int(x[1]), int(y[1])) for x, y in zip(*paired_rows(target, empty, "aligned"))][3:5] == [(3, 2), (4, 2)]
+    # the phrase modes keep the differing phrase's rows (and [SEP]) out of the same pairing
+    assert [(int(x[1]), int(y[1])) for x, y in zip(*paired_rows(target, anchor, "phrase"))] == [(3, 3), (4, 3)]
+    assert [(int(x[1]), int(y[1])) for x, y in zip(*paired_rows(target, anchor, "phrase+eot"))] == [
+        (3, 3), (4, 3), (7, 6)]
+    # a prompt with no anchor has no phrase: its every row through [SEP] stands for it
+    assert [int(x[1]) for x in single_rows(target, "phrase")] == list(range(8))
 
 
 def test_the_testbed_erasure_spec_writes_captions_with_a_sibling_anchor():

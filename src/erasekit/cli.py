@@ -127,7 +127,7 @@ def parse_concept(text: str):
     return Concept(name.strip(), [s.strip() for s in synonyms.split(",") if s.strip()])
 
 
-def build_spec(args, method=None):
+def build_spec(args, cfg=None):
     from .concepts import ConceptSpec
 
     if args.spec:
@@ -142,7 +142,7 @@ def build_spec(args, method=None):
         if args.anchor or args.preserve or args.templates or any(t.synonyms for t in targets):
             raise UserError("--testbed-spec sets synonyms, anchors, preserve concepts and templates itself: "
                             "drop --anchor/--preserve/--templates and the ':synonyms', or drop --testbed-spec")
-        return erasure_spec([t.name for t in targets], method)
+        return erasure_spec([t.name for t in targets], cfg)
     data = {"targets": targets, "anchors": args.anchor if args.anchor is not None else [""],
             "preserve": args.preserve or [], "expand": args.expand}
     if args.templates:
@@ -163,7 +163,7 @@ def cmd_erase(args) -> None:
     values = read_mapping(args.config, "config file") if args.config else {}
     values.update(key_values(args.set, "--set"))
     cfg = methods.build_config(method, values, source=args.config or "--set", testbed=args.model == "testbed")
-    spec = build_spec(args, method)
+    spec = build_spec(args, cfg)
     if Path(args.out).exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists: choose another path or pass --overwrite")
     model = load_for_run(args.model)

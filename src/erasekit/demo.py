@@ -109,7 +109,7 @@ def erase_step(model, judge, concept: str, method_name: str, erasing, samples: i
 
     method, cfg = erasing
     t0 = time.time()
-    delta = method.erase(model, erasure_spec([concept], method), cfg)
+    delta = method.erase(model, erasure_spec([concept], cfg), cfg)
     print(f"\nerasing {concept!r} with {method_name} (closed form, {len(delta.tensors)} tensors) took "
           f"{time.time() - t0:.2f} s")
     shown = concept_prompts(concept, "canonical", 4, seed=90) + concept_prompts(concept, "heldout", 2, seed=95)

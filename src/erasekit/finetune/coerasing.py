@@ -56,8 +56,8 @@ def refine(tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
 class CoErasingLoss(esd.ESDLoss):
     """ESD's objective with the condition [text ; image tokens] for the trained model and the teacher."""
 
-    def __init__(self, model, prompts, frozen, cfg, image_tokens: torch.Tensor):
-        super().__init__(model, prompts, frozen, cfg)
+    def __init__(self, model, pairs, frozen, cfg, image_tokens: torch.Tensor, keep: list[str] | None = None):
+        super().__init__(model, pairs, frozen, cfg, keep)
         self.image_tokens = image_tokens.to(model.device, model.dtype)
 
     def __call__(self, step: int, gen: torch.Generator):
@@ -69,11 +69,11 @@ class CoErasingLoss(esd.ESDLoss):
         c = self.cond[i:i + 1]
         x_t, t = self.frozen.rollout(c, self.uncond, noise, cfg.sampler_steps, k, cfg.guidance)
         joint = torch.cat([c, self.image_tokens[j:j + 1]], dim=1)
-        uncond = torch.cat([self.uncond, torch.zeros_like(self.image_tokens[j:j + 1])], dim=1)
-        e0, ec = self.frozen.pair(x_t, t, joint, uncond)
+        reference = torch.cat([self.reference(i), torch.zeros_like(self.image_tokens[j:j + 1])], dim=1)
+        e0, ec = self.frozen.pair(x_t, t, joint, reference)
         target = e0 - cfg.eta * (ec - e0)
         loss = torch.nn.functional.mse_loss(m.raw(x_t, t, joint).float(), target.float())
-        return loss, {"k": k}
+        return loss + self.preserve(x_t, t, gen), {"k": k}
 
 
 def _word_states(model: Model, spec: ConceptSpec) -> torch.Tensor:
@@ -98,8 +98,7 @@ def erase(model: Model, spec: ConceptSpec, cfg: CoErasingConfig | None = None,
     old = stage1.apply(model, check=False)
     try:
         named = select(model, cfg.parameters)
-        prompts = [p.target for p in spec.pairs()]
-        loss = CoErasingLoss(model, prompts, Frozen(model, named), cfg, tokens)
+        loss = CoErasingLoss(model, spec.pairs(), Frozen(model, named), cfg, tokens, spec.preserve_prompts())
         config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
                   "spec": spec.to_dict()}
         stage2_cfg = replace(cfg, run_dir=f"{cfg.run_dir}/stage2" if cfg.run_dir else "")

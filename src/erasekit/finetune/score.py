@@ -22,12 +22,14 @@ from torch import nn
 from ..checkpoint import optimizer_from_flat, optimizer_to_flat
 from ..concepts import ConceptSpec
 from ..delta import Delta
+from ..errors import UserError
 from ..model import Model
 from . import esd
 from .loop import record
 from .params import Frozen, only_these_trainable, select
 
-TESTBED = {**esd.TESTBED, "parameters": "esd-x"}
+# ESD's testbed settings, with SCORE's own trajectory term in place of ESD's preserve_weight
+TESTBED = {**{k: v for k, v in esd.TESTBED.items() if k != "preserve_weight"}, "parameters": "esd-x"}
 
 
 @dataclass
@@ -39,6 +41,12 @@ class SCOREConfig(esd.ESDConfig):
     traj_weight: float = 1.0
     disc_steps: int = 1
     disc_lr: float = 1e-3
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.preserve_weight:
+            raise UserError("SCORE keeps preserve prompts with its own trajectory term: set traj_weight, "
+                            "not preserve_weight")
 
 
 class Discriminator(nn.Module):
@@ -106,7 +114,7 @@ class SCORELoss:
     def __init__(self, model: Model, spec: ConceptSpec, frozen: Frozen, cfg: SCOREConfig, adversary: Adversary):
         self.model, self.cfg, self.frozen, self.adv = model, cfg, frozen, adversary
         pairs = spec.pairs()
-        self.erase = esd.ESDLoss(model, [p.target for p in pairs], frozen, cfg)
+        self.erase = esd.ESDLoss(model, pairs, frozen, cfg)
         self.anchor = model.encode([p.anchor for p in pairs]).embeddings.detach()
         self.keep = model.encode(spec.preserve_prompts() or [""]).embeddings.detach()
 
@@ -133,9 +141,7 @@ class SCORELoss:
             self.adv.opt.step()
         accuracy = float(((logits > 0).float() == torch.tensor([1.0, 0.0])).float().mean())
         adv = bce(self.adv.disc(target_x0, tt), torch.tensor([0.5]))
-        j = int(torch.randint(0, len(self.keep), (1,), generator=gen))
-        keep = nn.functional.mse_loss(m.raw(x_t, t, self.keep[j:j + 1]).float(),
-                                      self.frozen.raw(x_t, t, self.keep[j:j + 1]).float())
+        keep = esd.output_drift(m, self.frozen, self.keep, x_t, t, gen)
         total = erase + cfg.adv_weight * adv + cfg.traj_weight * keep
         return total, {**logs, "disc_accuracy": accuracy, "adv": round(float(adv.detach()), 5)}
 

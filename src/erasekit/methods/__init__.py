@@ -21,9 +21,6 @@ class Method:
     testbed: dict = dataclasses.field(default_factory=dict)
     fine_tuning: bool = False  # its erase takes base_values (what an earlier stage changed) when composed
     parts: tuple = ()  # a composition "A+B": the methods it runs in order
-    # its objective compares a prompt with the empty prompt (ESD's negative guidance), so it takes concept
-    # phrases: a whole caption would erase everything the caption names
-    phrases_only: bool = False
 
 
 def _registry() -> dict[str, Method]:
@@ -35,19 +32,19 @@ def _registry() -> dict[str, Method]:
         Method("rece", rece.RECEConfig, rece.erase, "UCE + derived-embedding rounds (closed form, K/V)",
                uce.TESTBED),
         Method("erasepro", erasepro.EraseProConfig, erasepro.erase,
-               "zero-residual progressive edit (closed form, text encoder + K/V)"),
+               "zero-residual progressive edit (closed form, text encoder + K/V)", erasepro.TESTBED),
         Method("trce-stage1", trce.TRCEStage1Config, trce.erase, "TRCE textual erasure of [EoT] (closed form)"),
         Method("esd", esd.ESDConfig, esd.erase, "ESD: negative-guidance fine-tuning (esd-x, -x-strict, -u, -all)",
-               esd.TESTBED, fine_tuning=True, phrases_only=True),
+               esd.TESTBED, fine_tuning=True),
         Method("trce-stage2", trce2.TRCEStage2Config, trce2.erase,
                "TRCE trajectory steering (fine-tuning attn1 and to_q; run after trce-stage1)", trce2.TESTBED,
                fine_tuning=True),
         Method("co-erasing", coerasing.CoErasingConfig, coerasing.erase,
                "Co-Erasing: ESD on text, then ESD with image tokens of the concept (fine-tuning)", coerasing.TESTBED,
-               fine_tuning=True, phrases_only=True),
+               fine_tuning=True),
         Method("score", score.SCOREConfig, score.erase,
                "SCORE as we read it: saliency-masked ESD with a discriminator on clean estimates (fine-tuning)",
-               score.TESTBED, fine_tuning=True, phrases_only=True),
+               score.TESTBED, fine_tuning=True),
     )}
     methods["trce"] = _compose(methods, "trce-stage1+trce-stage2", name="trce",
                                summary="full TRCE: stage 1 (closed form) then stage 2 (fine-tuning)")
@@ -71,8 +68,7 @@ def _compose(methods: dict[str, Method], text: str, name: str | None = None, sum
     def erase(model, spec, cfgs):
         return erase_composed(model, spec, cfgs, parts, name)
 
-    return Method(name, type(None), erase, summary or " then ".join(p.name for p in parts), parts=parts,
-                  phrases_only=any(p.phrases_only for p in parts))
+    return Method(name, type(None), erase, summary or " then ".join(p.name for p in parts), parts=parts)
 
 
 def get_single(methods: dict[str, Method], name: str) -> Method:

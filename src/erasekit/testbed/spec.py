@@ -51,11 +51,17 @@ def sibling(concept: str) -> str:
     return canonical(attr, next(v for v in VALUES[attr] if v != concept))
 
 
-def erasure_spec(concepts: list[str], method=None, templates: int = 24) -> ConceptSpec:
-    """The spec for erasing these testbed concepts with `method` (see the module's docstring). A method that
-    takes phrases only (the ESD family) gets the phrases alone: its negative guidance removes everything a
-    prompt adds to the empty one, so a whole caption would erase its colour, style and background too."""
-    captions = not getattr(method, "phrases_only", False)
+def takes_phrases_only(cfg) -> bool:
+    """Whether a method config (or a composition's list of them) trains on concept phrases alone: ESD's
+    negative guidance against the empty prompt removes everything a prompt adds to it, so a whole caption
+    would erase its colour, style and background too (the config's phrases_only says so)."""
+    return any(getattr(c, "phrases_only", False) for c in (cfg if isinstance(cfg, list) else [cfg]))
+
+
+def erasure_spec(concepts: list[str], cfg=None, templates: int = 24) -> ConceptSpec:
+    """The spec for erasing these testbed concepts with a method configured as cfg (see the module's
+    docstring): captions, or the phrases alone for a config that takes phrases only."""
+    captions = not takes_phrases_only(cfg)
     targets = []
     for c in concepts:  # every training wording: a background's canonical one is a phrase ("on grass")
         words = wordings(attribute_of(c), c, "canonical") + wordings(attribute_of(c), c, "synonym")
