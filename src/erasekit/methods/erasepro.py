@@ -59,20 +59,24 @@ class EraseProConfig:
             raise UserError(f"unknown ErasePro match {self.match!r}: use one of {', '.join(MATCHES)}")
 
 
-def _capture(model: Model, module: torch.nn.Module, enc: Encoded, where: str = "input") -> Encoded:
-    """enc with its embeddings replaced by module's input (or output) features (N, L, d) for the same prompts."""
-    seen = []
+def _capture(model: Model, enc: Encoded, points: list[tuple[torch.nn.Module, str]]) -> list[Encoded]:
+    """For each (module, 'input' or 'output'): enc with its embeddings replaced by that module's input or
+    output features (N, L, d) for the same prompts, all from one pass of the text encoder."""
+    seen: list[list[torch.Tensor]] = [[] for _ in points]
 
-    def keep(m, args, out):
-        value = args[0] if where == "input" else out
-        seen.append((value[0] if isinstance(value, tuple) else value).detach())
+    def keeper(slot: list, where: str):
+        def keep(m, args, out):
+            value = args[0] if where == "input" else out
+            slot.append((value[0] if isinstance(value, tuple) else value).detach())
+        return keep
 
-    handle = module.register_forward_hook(keep)
+    handles = [module.register_forward_hook(keeper(slot, where)) for (module, where), slot in zip(points, seen)]
     try:
         model.encode(enc.prompts)
     finally:
-        handle.remove()
-    return replace(enc, embeddings=torch.cat(seen))
+        for handle in handles:
+            handle.remove()
+    return [replace(enc, embeddings=torch.cat(slot)) for slot in seen]
 
 
 def _metric_features(p: torch.Tensor | None, lam: float) -> tuple[torch.Tensor | None, float]:
@@ -98,12 +102,15 @@ def erase(model: Model, spec: ConceptSpec, cfg: EraseProConfig | None = None) ->
     try:
         if cfg.layers in ("text", "both"):
             for key, module in model.text_mlp_layers():
-                x, y = paired_rows(_capture(model, module, enc_t), _capture(model, module, enc_a), cfg.positions)
-                p = single_rows(_capture(model, module, enc_p), cfg.positions) if enc_p else None
+                # the projection's input, and with match "stream" the residual sum it joins, in one pass each
+                points = [(module, "input")] + ([model.residual_sum(key)] if cfg.match == "stream" else [])
+                feats_t, feats_a = _capture(model, enc_t, points), _capture(model, enc_a, points)
+                x, y = paired_rows(feats_t[0], feats_a[0], cfg.positions)
+                p = single_rows(_capture(model, enc_p, points[:1])[0], cfg.positions) if enc_p else None
                 _check_rank(x, key)
                 p, lam = _metric_features(p, cfg.lam)
                 w0 = module.weight.detach().double().cpu()
-                shift = (_stream_shift(model, key, enc_t, enc_a, cfg.positions, w0, x, y)
+                shift = (_stream_shift(feats_t[1], feats_a[1], cfg.positions, w0, x, y)
                          if cfg.match == "stream" else None)
                 dw, res = constrained_min_norm(w0[None], x.T.cpu()[None], y.T.cpu()[None], p, lam=lam, shift=shift,
                                                rcond=cfg.rcond)
@@ -133,13 +140,12 @@ def erase(model: Model, spec: ConceptSpec, cfg: EraseProConfig | None = None) ->
     return Delta.from_changes(model, new, "erasepro", {**asdict(cfg), "spec": spec.to_dict()}, stats)
 
 
-def _stream_shift(model: Model, key: str, enc_t: Encoded, enc_a: Encoded, positions: str, w0: torch.Tensor,
-                  x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _stream_shift(sums_t: Encoded, sums_a: Encoded, positions: str, w0: torch.Tensor, x: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor:
     """(1, out, N) what skips around the projection, anchor minus target, at the paired rows: adding it to
     W0 Y makes the residual sum (and so the hidden state) at every target row the anchor's. The sum is
     W0 x + b + skip, so the skip's difference is the sums' difference less W0 (y - x) (the bias cancels)."""
-    module, where = model.residual_sum(key)
-    s_t, s_a = paired_rows(_capture(model, module, enc_t, where), _capture(model, module, enc_a, where), positions)
+    s_t, s_a = paired_rows(sums_t, sums_a, positions)
     return ((s_a - s_t).double().cpu() - (y - x).double().cpu() @ w0.T).T[None]
 
 
