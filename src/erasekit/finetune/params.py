@@ -55,9 +55,14 @@ class Frozen:
     """The denoiser as it was before training, without a second copy of it: the trained parameters'
     starting values are kept and swapped in for the call (torch.func.functional_call)."""
 
-    def __init__(self, model: Model, named: dict[str, torch.nn.Parameter]):
+    def __init__(self, model: Model, named: dict[str, torch.nn.Parameter],
+                 fixed: dict[str, torch.Tensor] | None = None):
+        """fixed: other denoiser tensors (bare UNet names) to hold other values than the model's in the
+        call, e.g. the original K/V an earlier closed-form stage replaced."""
         self.model = model
         self.values = {k: v.detach().clone() for k, v in named.items()}
+        for k, v in (fixed or {}).items():
+            self.values[k] = v.detach().to(model.device, model.dtype)
 
     @torch.no_grad()
     def raw(self, x_t: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,11 @@ from ..linalg import prior_solve
 from ..model import Model
 from .common import KVStack, paired_rows
 
+# On the testbed: the spec's caption templates and every aligned row. At TRCE's own setting ([EoT] of its
+# 15 templates) stage 1 erases nothing here (circle 0.97, striped 1.00, red 1.00 of 32 canonical prompts):
+# the bidirectional encoder writes the concept into every row, [EoT] being one of many (docs/METHODS.md).
+TESTBED = {"templates": "spec", "positions": "aligned"}
+
 TRCE_TEMPLATES = (
     "{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}", "a drawing of {}",
     "a close-up of {}", "a rendering of {}", "a photo showing {}", "a scene with {}", "art of {}",
