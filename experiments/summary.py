@@ -1,5 +1,5 @@
 """One table of every erasure result on the testbed: closed-form and fine-tuning rows per concept set, and for
-the attacked concept each method's pre-ASR and ASR per attack with the mean. Reads what closed_form.py and
+each attacked concept and prompt count each method's pre-ASR and ASR per attack with the mean. Reads what closed_form.py and
 attacks.py wrote; computes nothing.
 
 Usage: python experiments/summary.py [--closed-form F] [--fine-tuning F] [--attacks F ...] [--out FILE]
@@ -19,18 +19,14 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def attack_rows(files: list[Path]) -> tuple[str, dict]:
-    """(concept, {method: row}) merged over attack result files of one concept."""
-    concept, rows = None, {}
+def attack_tables(files: list[Path]) -> dict[tuple[str, int], dict]:
+    """{(concept, prompts): {method: row}}: attack result files merged per concept and prompt count."""
+    tables: dict[tuple[str, int], dict] = {}
     for path in files:
         data = _load(path)
-        if not data:
-            continue
-        if concept not in (None, data["concept"]):
-            raise SystemExit(f"{path} attacks {data['concept']}, the others {concept}: one concept per summary")
-        concept = data["concept"]
-        rows.update(data["methods"])
-    return concept, rows
+        if data:
+            tables.setdefault((data["concept"], data["prompts"]), {}).update(data["methods"])
+    return tables
 
 
 def mean_asr(row: dict) -> float | None:
@@ -38,8 +34,7 @@ def mean_asr(row: dict) -> float | None:
     return sum(asrs) / len(asrs) if asrs else None
 
 
-def markdown(sets: dict, kinds: dict, concept: str | None, attacks: dict) -> str:
-    names = sorted({a for row in attacks.values() for a in row["attacks"]})
+def markdown(sets: dict, kinds: dict, tables: dict[tuple[str, int], dict]) -> str:
     head = "| concepts | method | kind | canonical | synonym | held-out | preservation acc. | FID_gen | seconds |"
     lines = [head, "|---" * 9 + "|"]
     for key, block in sets.items():
@@ -53,8 +48,9 @@ def markdown(sets: dict, kinds: dict, concept: str | None, attacks: dict) -> str
                          f"{e['target_rate']['synonym']:.2f} | {e['target_rate']['heldout']:.2f} | "
                          f"{e['preservation_accuracy']:.3f} | {row['fid_gen_preservation']:.2f} | "
                          f"{row['edit_seconds']:.0f} |")
-    if attacks:
-        lines += ["", f"Attacks on {concept} (pre-ASR / ASR):", "",
+    for (concept, prompts), attacks in tables.items():
+        names = sorted({a for row in attacks.values() for a in row["attacks"]})
+        lines += ["", f"Attacks on {concept}, {prompts} canonical prompts (pre-ASR / ASR):", "",
                   "| method | " + " | ".join(names) + " | mean ASR |", "|---" * (len(names) + 2) + "|"]
         for method, row in sorted(attacks.items(), key=lambda kv: mean_asr(kv[1]) or 0):
             cells = [f"{row['attacks'][a]['pre_asr']:.2f} / {row['attacks'][a]['asr']:.2f}" if a in row["attacks"]
@@ -68,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--closed-form", default=str(RESULTS / "closed_form.json"))
     parser.add_argument("--fine-tuning", default=str(RESULTS / "fine_tuning.json"))
-    parser.add_argument("--attacks", nargs="+", default=[str(RESULTS / "attacks.json")])
+    parser.add_argument("--attacks", nargs="+", default=[str(p) for p in sorted(RESULTS.glob("attacks*.json"))])
     parser.add_argument("--out", default=str(RESULTS / "summary.md"))
     args = parser.parse_args()
     sets: dict = {}
@@ -78,8 +74,7 @@ def main() -> None:
             merged = sets.setdefault(key, {"original": block["original"], "methods": {}})
             merged["methods"].update(block["methods"])
             kinds.setdefault(key, {}).update(dict.fromkeys(block["methods"], kind))
-    concept, attacks = attack_rows([Path(p) for p in args.attacks])
-    text = markdown(sets, kinds, concept, attacks)
+    text = markdown(sets, kinds, attack_tables([Path(p) for p in args.attacks]))
     Path(args.out).write_text(text)
     print(text)
 

@@ -161,9 +161,13 @@ def test_full_trce_trains_attn1_and_to_q_on_top_of_stage1(model):
     assert delta.method == "trce"
 
 
-def test_stage2_reference_holds_the_original_k_v_unless_asked_for_stage1(model):
+@pytest.fixture(scope="module")
+def stage1(model):
     s1 = methods.get("trce-stage1")
-    stage1 = s1.erase(model, spec(), methods.build_config(s1, {}, testbed=True))
+    return s1.erase(model, spec(), methods.build_config(s1, {}, testbed=True))
+
+
+def test_stage2_reference_holds_the_original_k_v_unless_asked_for_stage1(model, stage1):
     x, t = torch.randn(1, *model.latent_shape), torch.tensor([700])
     emb = model.encode(["a solid red star on a black background"]).embeddings
     original = model.raw(x, t, emb).detach()
@@ -180,18 +184,22 @@ def test_stage2_reference_holds_the_original_k_v_unless_asked_for_stage1(model):
         trce2.TRCEStage2Config(reference="stage-one")
 
 
-def test_stage2_contrast_is_stronger_against_the_original_model(model, tmp_path):
+def test_stage2_contrast_is_stronger_against_the_original_model(model, stage1, tmp_path):
     """f_safe - f_unsafe (logged as 'signal', same draws in both runs): the stage-1 model has mapped the
     malicious prompts onto the safe ones, so against it the contrast shrinks."""
     import json
 
-    method = methods.get("trce")
+    method = methods.get("trce-stage2")
     signal = {}
     for ref in ("original", "stage1"):
         folder = tmp_path / ref
-        cfgs = methods.build_config(method, {"steps": "2", "trajectory_steps": "6", "progress": "false",
-                                             "reference": ref, "run_dir": str(folder)}, testbed=True)
-        method.erase(model, spec(), cfgs)
+        cfg = methods.build_config(method, {"steps": "2", "trajectory_steps": "6", "progress": "false",
+                                            "reference": ref, "run_dir": str(folder)}, testbed=True)
+        base = stage1.apply(model, check=False)
+        try:
+            trce2.erase(model, spec(), cfg, base_values=base)
+        finally:
+            type(stage1).revert(model, base)
         logs = [json.loads(line) for line in (folder / "train.log.jsonl").read_text().splitlines()]
         signal[ref] = sum(r["signal"] for r in logs)
     assert signal["original"] > 3 * signal["stage1"] > 0

@@ -212,9 +212,12 @@ def test_method_variants_carry_their_settings():
     assert methods.build_config(methods.get("erasepro"), {}).positions == "key+eot"
     # TRCE: caption templates and every aligned row on the testbed, both stages; [EoT] of its own templates elsewhere
     s1, s2 = methods.build_config(methods.get("trce"), {}, testbed=True)
-    assert (s1.templates, s1.positions, s2.templates, s2.reference) == ("spec", "aligned", "spec", "original")
+    assert (s1.templates, s1.positions, s2.templates, s2.reference, s2.preserve) == (
+        "spec", "aligned", "spec", "original", "spec")
     s1, s2 = methods.build_config(methods.get("trce"), {})
-    assert (s1.templates, s1.positions, s2.templates) == ("trce", "eot", "trce")
+    assert (s1.templates, s1.positions, s2.templates, s2.preserve) == ("trce", "eot", "trce", "empty")
+    with pytest.raises(UserError, match="preserve set"):
+        methods.build_config(methods.get("trce-stage2"), {"preserve": "all"})
     # the ESD family trains on captions against their anchors there; SCORE keeps its own preservation term
     esd_cfg, score_cfg = (methods.build_config(methods.get(n), {}, testbed=True) for n in ("esd", "score"))
     assert (esd_cfg.guide, esd_cfg.preserve_weight, score_cfg.guide, score_cfg.preserve_weight) == (
