@@ -1,6 +1,6 @@
 """One table of every erasure result on the testbed: closed-form and fine-tuning rows per concept set, and for
-each attacked concept and prompt count each method's pre-ASR and ASR per attack with the mean. Reads what closed_form.py and
-attacks.py wrote; computes nothing.
+each attacked concept and prompt count each method's pre-ASR and ASR per attack with the mean. Reads what
+closed_form.py and attacks.py wrote; computes nothing.
 
 Usage: python experiments/summary.py [--closed-form F] [--fine-tuning F] [--attacks F ...] [--out FILE]
 """

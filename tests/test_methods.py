@@ -97,7 +97,7 @@ def test_erasepro_stream_match_makes_the_first_layers_hidden_state_the_anchors(m
         for name, prompts in (("t", prompts_t), ("a", prompts_a)):
             seen = []
             handle = layer0.register_forward_hook(
-                lambda m, args, o: seen.append((o[0] if isinstance(o, tuple) else o).detach()))
+                lambda m, args, o, seen=seen: seen.append((o[0] if isinstance(o, tuple) else o).detach()))
             try:
                 enc = model.encode(prompts)
             finally:
