@@ -14,9 +14,10 @@ Trainable: every self-attention weight (attn1) and attn2.to_q; stage 1's K/V sta
 are made once per prompt and kept in memory in half precision, early steps only.
 
 The reference f (`reference`) is the original model by default: the stage-1 model maps c_m onto c_s, so
-with it f_unsafe equals f_safe wherever stage 1 worked and the hinge's gradient, 2 (f_unsafe - f_safe) / n,
-vanishes (measured on the testbed: see docs/METHODS.md). `reference=stage1` keeps that reading. The
-preservation term always holds the stage-1 model's own empty-prompt output.
+with it f_unsafe is close to f_safe wherever stage 1 worked, and the hinge's gradient, 2 (f_unsafe - f_safe) / n
+until the margin is met, is small (circle on the testbed: MSE(f_safe, f_unsafe) 0.22 against 6.26 with the
+original model; docs/METHODS.md). `reference=stage1` keeps that reading. The preservation term always holds
+the stage-1 model's own outputs.
 """
 
 from __future__ import annotations
