@@ -8,6 +8,7 @@ import torch
 import erasekit
 from erasekit import methods
 from erasekit.concepts import Concept, ConceptSpec
+from erasekit.delta import Delta
 from erasekit.errors import UserError
 from erasekit.finetune import esd, params, trce2
 
@@ -179,7 +180,7 @@ def test_stage2_reference_holds_the_original_k_v_unless_asked_for_stage1(model, 
         assert torch.allclose(params.Frozen(model, named, fixed=base).raw(x, t, emb), original, atol=1e-5)
         assert torch.allclose(params.Frozen(model, named).raw(x, t, emb), edited, atol=1e-5)
     finally:
-        type(stage1).revert(model, base)
+        Delta.revert(model, base)
     with pytest.raises(UserError, match="reference"):
         trce2.TRCEStage2Config(reference="stage-one")
 
@@ -199,7 +200,7 @@ def test_stage2_contrast_is_stronger_against_the_original_model(model, stage1, t
         try:
             trce2.erase(model, spec(), cfg, base_values=base)
         finally:
-            type(stage1).revert(model, base)
+            Delta.revert(model, base)
         logs = [json.loads(line) for line in (folder / "train.log.jsonl").read_text().splitlines()]
         signal[ref] = sum(r["signal"] for r in logs)
     assert signal["original"] > 3 * signal["stage1"] > 0
@@ -329,7 +330,6 @@ def test_two_accelerate_processes_train_what_one_process_with_accumulation_two_t
     from pathlib import Path
 
     from erasekit.cli import main
-    from erasekit.delta import Delta
 
     argv = ["erase", "--method", "esd", "--concept", "red", "--set", "steps=2", "--set", "sampler_steps=4",
             "--set", "progress=false"]

@@ -22,6 +22,7 @@ the stage-1 model's own outputs.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,6 +37,7 @@ from .loop import LoopConfig, record
 from .params import Frozen, select
 
 REFERENCES = ("original", "stage1")
+PRESERVE_SETS = ("empty", "spec")
 # On the testbed (circle, 32 prompts each; docs/METHODS.md): lr 1e-4 with the empty prompt held left held-out
 # wording at 0.28 and random 16-word prompts drawing circle 14% of the time; lr 1e-3 took those to 0.22 and 8% at
 # 7 points of preservation (0.914); holding the spec's preserve prompts too kept preservation (0.977) at 6%.
@@ -58,8 +60,9 @@ class TRCEStage2Config(LoopConfig):
     steps: int = 300  # 900 for several concepts in the reference
 
     def __post_init__(self):
-        if self.preserve not in ("empty", "spec"):
-            raise UserError(f"unknown TRCE stage-2 preserve set {self.preserve!r}: use 'empty' or 'spec'")
+        if self.preserve not in PRESERVE_SETS:
+            raise UserError(f"unknown TRCE stage-2 preserve set {self.preserve!r}: "
+                            f"use one of {', '.join(PRESERVE_SETS)}")
         if self.reference not in REFERENCES:
             raise UserError(f"unknown TRCE stage-2 reference {self.reference!r}: use one of {', '.join(REFERENCES)}")
 
@@ -92,20 +95,24 @@ class TrajectoryCache:
 
 
 class TRCEStage2Loss:
-    """ref: the hinge's reference f, whose prompts are encoded inside ref_context (the original text
-    encoder when f is the original model); stage1: the model as stage 2 found it, for the preservation term."""
+    """ref: the hinge's reference f; ref_text: text-encoder values f has that the model does not (an earlier
+    stage's edit of the text encoder), swapped in to encode f's prompts; stage1: the model as stage 2 found
+    it, for the preservation term; keep: the preservation prompts besides the empty one."""
 
     def __init__(self, model: Model, malicious: list[str], safe: list[str], ref: Frozen, stage1: Frozen,
-                 cfg: TRCEStage2Config, original, ref_context, keep: list[str]):
+                 cfg: TRCEStage2Config, original, ref_text: dict[str, torch.Tensor], keep: list[str]):
         self.model, self.ref, self.stage1, self.cfg = model, ref, stage1, cfg
-        self.malicious, self.safe, self.keep = malicious, safe, [""] + keep
+        self.malicious, self.keep = malicious, [""] + keep
         self.c_m = model.encode(malicious).embeddings.detach()
-        self.empty = model.encode([""]).embeddings.detach()
         self.c_keep = model.encode(self.keep).embeddings.detach()
-        with ref_context():
-            self.ref_m = model.encode(malicious).embeddings.detach()
+        self.empty = self.c_keep[:1]
+        with Delta.swapped(model, ref_text) if ref_text else nullcontext():
             self.ref_s = model.encode(safe).embeddings.detach()
-            self.ref_empty = model.encode([""]).embeddings.detach()
+            if ref_text:
+                self.ref_m = model.encode(malicious).embeddings.detach()
+                self.ref_empty = model.encode([""]).embeddings.detach()
+            else:  # the same text encoder: the prompts' embeddings are the model's own
+                self.ref_m, self.ref_empty = self.c_m, self.empty
         self.cache = TrajectoryCache(model, cfg, original)
 
     def _guided_ref(self, z, t, c):
@@ -139,8 +146,6 @@ def erase(model: Model, spec: ConceptSpec, cfg: TRCEStage2Config | None = None,
           base_values: dict[str, torch.Tensor] | None = None) -> Delta:
     """Stage 2 on the model as it is now (stage 1 applied); base_values, when given, are the original
     values of what stage 1 changed, swapped in while the original model's trajectories are made."""
-    from contextlib import nullcontext
-
     cfg = cfg or TRCEStage2Config()
     named = select(model, "trce")
     malicious, safe = stage1_pairs(spec, cfg.templates)
@@ -149,17 +154,13 @@ def erase(model: Model, spec: ConceptSpec, cfg: TRCEStage2Config | None = None,
         return Delta.swapped(model, base_values) if base_values else nullcontext()
 
     stage1 = Frozen(model, named)
-    if cfg.reference == "original":
-        unet_base = {k: v for k, v in (base_values or {}).items() if split_key(k)[0] == "unet"}
-        text_base = {k: v for k, v in (base_values or {}).items() if split_key(k)[0] != "unet"}
-        ref = Frozen(model, named, fixed=unet_base)
-
-        def ref_context():
-            return Delta.swapped(model, text_base) if text_base else nullcontext()
-    else:
-        ref, ref_context = stage1, nullcontext
+    ref, ref_text = stage1, {}
+    if cfg.reference == "original":  # stage 1's original values: UNet ones in the frozen call, text ones to encode
+        base = base_values or {}
+        ref = Frozen(model, named, fixed={k: v for k, v in base.items() if split_key(k)[0] == "unet"})
+        ref_text = {k: v for k, v in base.items() if split_key(k)[0] != "unet"}
     keep = spec.preserve_prompts() if cfg.preserve == "spec" else []
-    loss = TRCEStage2Loss(model, malicious, safe, ref, stage1, cfg, original, ref_context, keep)
+    loss = TRCEStage2Loss(model, malicious, safe, ref, stage1, cfg, original, ref_text, keep)
     config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
               "spec": spec.to_dict()}
     new = train_and_restore(model, named, loss, cfg, {"method": "trce-stage2", "config": config})
