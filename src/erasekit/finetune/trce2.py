@@ -38,9 +38,10 @@ from .params import Frozen, select
 
 REFERENCES = ("original", "stage1")
 PRESERVE_SETS = ("empty", "spec")
-# On the testbed (circle, 32 prompts each; docs/METHODS.md): lr 1e-4 with the empty prompt held left held-out
-# wording at 0.28 and random 16-word prompts drawing circle 14% of the time; lr 1e-3 took those to 0.22 and 8% at
-# 7 points of preservation (0.914); holding the spec's preserve prompts too kept preservation (0.977) at 6%.
+# On the testbed (circle, 32 prompts each; docs/results/fine_tuning.json and random_prompts.json): lr 1e-4 with
+# the empty prompt held left held-out wording at 0.28 and random 16-word prompts drawing circle 14% of the time;
+# lr 1e-3 took those to 0.22 and 8% at 7 points of preservation (0.914); holding the spec's preserve prompts too
+# kept preservation (0.977) at 6%.
 TESTBED = {"steps": 150, "lr": 1e-3, "trajectory_steps": 20, "templates": "spec", "preserve": "spec"}
 
 
