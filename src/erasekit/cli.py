@@ -115,7 +115,8 @@ def cmd_testbed_train(args) -> None:
     cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                       checkpoint_every=args.checkpoint_every, min_snr_gamma=args.min_snr_gamma,
                       min_snr_from=args.min_snr_from, min_snr_offset=args.min_snr_offset, ema_from=args.ema_from,
-                      lr=args.lr, warmup=args.warmup, init_from=args.init_from or "")
+                      lr=args.lr, warmup=args.warmup, init_from=args.init_from or "",
+                      exclude=tuple(args.exclude or ()))
     train(cfg, resume=not args.restart, argv=["erasekit", *sys.argv[1:]])
 
 
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (default 200)")
     p.add_argument("--init-from", metavar="DIR",
                    help="start from these weights (a run's weights/ folder) instead of random ones")
+    p.add_argument("--exclude", action="append", metavar="VALUE",
+                   help="leave this value (e.g. circle, red) out of the data entirely, an oracle that never saw "
+                        "it; repeatable")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     p.set_defaults(func=cmd_testbed_train)
 

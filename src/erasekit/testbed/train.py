@@ -21,7 +21,9 @@ from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from ..errors import UserError
 from .architecture import RESOLUTION, SCHEDULER_CONFIG, build_unet
 from .text import MAX_LENGTH, load_text_encoder
-from .world import caption, random_scene, render
+from .world import VALUES, caption, random_scene, render
+
+ALL_VALUES = tuple(v for values in VALUES.values() for v in values)
 
 
 @dataclass
@@ -54,12 +56,30 @@ class TrainConfig:
     # Start from these weights (a folder holding unet/, or the unet folder itself) instead of random ones;
     # their own training record is kept in this run's record.
     init_from: str = ""
+    # Values left out of the data entirely (an oracle: a model that never saw them): no scene shows them, so
+    # no caption names them in any wording. Empty: the shipped recipe's data, draw for draw.
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.exclude = tuple(self.exclude)
+        for value in self.exclude:
+            if value not in ALL_VALUES:
+                raise UserError(f"--exclude {value}: not a testbed value; use one of {', '.join(ALL_VALUES)}")
+        for attribute in VALUES:
+            if len([v for v in VALUES[attribute] if v not in self.exclude]) < 2:
+                raise UserError(f"--exclude: leave at least two {attribute} values to draw")
 
 
-def render_dataset(seed: int, n: int, resolution: int = RESOLUTION):
-    """n scenes drawn from seed, rendered: (uint8 array (n, H, W, 3), list of scenes)."""
+# The config fields that decide the training data; a checkpoint resumes only under the same ones.
+DATA_FIELDS = ("seed", "dataset_size", "exclude", "batch_size", "resolution", "empty_caption_prob",
+               "drop_attribute_prob", "init_from")
+
+
+def render_dataset(seed: int, n: int, resolution: int = RESOLUTION, exclude: tuple[str, ...] = ()):
+    """n scenes drawn from seed (never showing a value in exclude), rendered: (uint8 array (n, H, W, 3),
+    list of scenes)."""
     rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng) for _ in range(n)]
+    scenes = [random_scene(rng, exclude) for _ in range(n)]
     images = np.stack([render(s, resolution) for s in scenes])
     return images, scenes
 
@@ -100,7 +120,7 @@ def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
 
-    images, scenes = render_dataset(cfg.seed, cfg.dataset_size, cfg.resolution)
+    images, scenes = render_dataset(cfg.seed, cfg.dataset_size, cfg.resolution, cfg.exclude)
     data = to_model_space(images)
     tokenizer, encoder = load_text_encoder()
     encoder.to(device)
@@ -116,6 +136,7 @@ def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) 
 
     start, elapsed = 0, 0.0
     if resume and ckpt_path.exists():
+        check_same_data(ckpt_path, cfg)
         groups, meta = load_checkpoint(ckpt_path, optimizer=opt)
         unet.load_state_dict(groups["unet"])
         ema = {k: v.to(device) for k, v in groups["ema"].items()}
@@ -168,6 +189,21 @@ def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) 
                             {"step": done, "elapsed": time.time() - t0, "config": asdict(cfg)}, optimizer=opt)
 
     return export_weights(cfg, ema, time.time() - t0, argv)
+
+
+def check_same_data(ckpt_path: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint that was trained on other data (seed, exclusions, ...)."""
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt_path), framework="pt") as f:
+        saved = json.loads(f.metadata()["meta"]).get("config", {})
+    now = asdict(cfg)
+    for field in DATA_FIELDS:
+        old = saved.get(field, [] if field == "exclude" else now[field])
+        old = tuple(old) if field == "exclude" else old
+        if old != now[field]:
+            raise UserError(f"{ckpt_path} was trained with {field}={old!r}, not {now[field]!r}: pass the same "
+                            "settings to resume it, or --restart (or another --out) to train anew")
 
 
 def unet_folder(path: Path) -> Path:

@@ -129,9 +129,21 @@ class Scene:
 JITTER = {"center": (0.44, 0.56), "size": (0.28, 0.34), "angle": (-10.0, 10.0)}
 
 
-def random_scene(rng: np.random.Generator, **fixed: str) -> Scene:
-    """A scene with uniformly drawn values (any attribute may be fixed) and jitter."""
-    values = {a: fixed.get(a) or VALUES[a][rng.integers(len(VALUES[a]))] for a in ATTRIBUTES}
+def allowed_values(attribute: str, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The values of an attribute that scenes may show when the values in exclude are left out."""
+    pool = tuple(v for v in VALUES[attribute] if v not in exclude)
+    if not pool:
+        raise ValueError(f"excluding {', '.join(exclude)} leaves no {attribute} to draw")
+    return pool
+
+
+def random_scene(rng: np.random.Generator, exclude: tuple[str, ...] = (), **fixed: str) -> Scene:
+    """A scene with uniformly drawn values (any attribute may be fixed) and jitter. Values in exclude are
+    never drawn; with nothing excluded the draws are exactly those of the shipped training data."""
+    values = {}
+    for a in ATTRIBUTES:
+        pool = allowed_values(a, exclude)
+        values[a] = fixed.get(a) or pool[rng.integers(len(pool))]
     return Scene(
         **values,
         cx=float(rng.uniform(*JITTER["center"])),
