@@ -196,3 +196,45 @@ def test_per_value_accuracy_shows_a_weak_value_the_mean_hides():
     assert per_value["star"]["accuracy"] == 0.0 and per_value["circle"]["accuracy"] == 1.0
     assert sum(v["n"] for v in per_value.values()) == 40
     assert accuracy(verdicts, prompts)["shape"] == round(1 - per_value["star"]["n"] / 40, 4)
+
+
+def test_an_oracles_data_never_shows_or_names_the_left_out_value():
+    from erasekit.testbed.train import render_dataset
+
+    _, scenes = render_dataset(seed=0, n=2000, exclude=("circle", "red"))
+    assert not any(s.shape == "circle" or s.color == "red" for s in scenes)
+    rng = np.random.default_rng(0)
+    words = {w for kind in ("train", "synonym", "heldout") for w in WORDINGS["shape"]["circle"].get(kind, ())}
+    words |= {w for kind in ("train", "synonym", "heldout") for w in WORDINGS["color"]["red"].get(kind, ())}
+    for scene in scenes[:300]:
+        text = caption(scene, rng, drop_prob=0.15)
+        assert not any(re.search(rf"\b{re.escape(w)}\b", text) for w in words), text
+    # every other value still appears, and nothing excluded means the shipped draws, unchanged
+    assert {s.shape for s in scenes} == set(VALUES["shape"]) - {"circle"}
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    assert [random_scene(a) for _ in range(50)] == [random_scene(b, ()) for _ in range(50)]
+
+
+def test_exclusion_is_checked_and_a_checkpoint_refuses_other_data(tmp_path):
+    from erasekit.testbed.train import TrainConfig, train
+
+    with pytest.raises(UserError, match="not a testbed value"):
+        TrainConfig(out=str(tmp_path), exclude=("dragon",))
+    with pytest.raises(UserError, match="at least two"):
+        TrainConfig(out=str(tmp_path), exclude=tuple(VALUES["shape"][1:]))
+    small = {"steps": 2, "batch_size": 4, "dataset_size": 32, "checkpoint_every": 1, "warmup": 1}
+    train(TrainConfig(out=str(tmp_path), exclude=("circle",), **small), argv=["test"])
+    with pytest.raises(UserError, match="exclude"):
+        train(TrainConfig(out=str(tmp_path), **{**small, "steps": 3}), argv=["test"])
+
+
+def test_oracles_load_by_name_and_differ_from_the_shipped_model(testbed):
+    from erasekit.testbed import oracle_names
+
+    assert "testbed:no-circle" in oracle_names()
+    oracle = erasekit.load("testbed:no-circle")
+    assert oracle.name == "testbed" and oracle.identity()["source"] == "testbed:no-circle"
+    a, b = testbed.cross_attention_layers()[0].weight, oracle.cross_attention_layers()[0].weight
+    assert a.shape == b.shape and not torch.equal(a, b)
+    with pytest.raises(UserError, match="unknown testbed model 'testbed:no-dragon'.*testbed:no-circle"):
+        erasekit.load("testbed:no-dragon")

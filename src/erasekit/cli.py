@@ -159,11 +159,12 @@ def cmd_erase(args) -> None:
     from .evaluation.runner import distributed_state
     from .files import key_values, read_mapping
     from .methods.common import warn_unknown_tokens
+    from .testbed import is_testbed
 
     method = methods.get(args.method)
     values = read_mapping(args.config, "config file") if args.config else {}
     values.update(key_values(args.set, "--set"))
-    cfg = methods.build_config(method, values, source=args.config or "--set", testbed=args.model == "testbed")
+    cfg = methods.build_config(method, values, source=args.config or "--set", testbed=is_testbed(args.model))
     spec = build_spec(args, cfg)
     if Path(args.out).exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists: choose another path or pass --overwrite")
@@ -235,7 +236,8 @@ def cmd_demo(args) -> None:
 # -- parser ---------------------------------------------------------------------------------------
 def _model_arg(p) -> None:
     p.add_argument("model", nargs="?", default="testbed",
-                   help="'testbed' (default) or a local diffusers Stable Diffusion folder")
+                   help="'testbed' (default), a testbed oracle trained without a value ('testbed:no-circle', "
+                        "'testbed:no-red') or a local diffusers Stable Diffusion folder")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -347,22 +347,26 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 def load(source: str | Path = "testbed", device: str | torch.device | None = None,
          dtype: torch.dtype = torch.float32) -> Model:
-    """Load a model: "testbed" (the built-in miniature model) or a local diffusers pipeline folder."""
-    if str(source) == "testbed":
-        return load_testbed(device=device, dtype=dtype)
+    """Load a model: "testbed" (the built-in miniature model), one of its oracles ("testbed:no-circle", trained
+    without circle) or a local diffusers pipeline folder."""
+    from .testbed import is_testbed, weights_for
+
+    if is_testbed(source):
+        return load_testbed(weights_for(str(source)), device=device, dtype=dtype, source=str(source))
     quiet_libraries()
     pipe = _load_folder(Path(source))
     return Model(pipe.to(_device(device), dtype), str(source), Path(source).name)
 
 
 def load_testbed(weights: str | Path | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32) -> Model:
-    """The testbed with its shipped denoiser, or with the one in weights (a `testbed train` run's weights/)."""
+                 dtype: torch.dtype = torch.float32, source: str = "testbed") -> Model:
+    """The testbed with its shipped denoiser, or with the one in weights (a `testbed train` run's weights/).
+    Every testbed model is named "testbed" (same world, judge and settings); source tells them apart."""
     from .testbed import SAMPLER_DEFAULTS, load_pipeline
 
     quiet_libraries()
     pipe = load_pipeline(Path(weights) if weights else None)
-    return Model(pipe.to(_device(device), dtype), "testbed", "testbed", SAMPLER_DEFAULTS)
+    return Model(pipe.to(_device(device), dtype), source, "testbed", SAMPLER_DEFAULTS)
 
 
 def quiet_libraries() -> None:

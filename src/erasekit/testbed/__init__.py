@@ -14,8 +14,33 @@ from ..errors import UserError
 from .architecture import SAMPLER_DEFAULTS, SCHEDULER_CONFIG, UNET_CONFIG
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+ORACLES_DIR = WEIGHTS_DIR / "oracles"  # denoisers trained by the same recipe with one value left out: no-VALUE/
 
-__all__ = ["WEIGHTS_DIR", "SAMPLER_DEFAULTS", "SCHEDULER_CONFIG", "UNET_CONFIG", "load_pipeline"]
+__all__ = ["WEIGHTS_DIR", "ORACLES_DIR", "SAMPLER_DEFAULTS", "SCHEDULER_CONFIG", "UNET_CONFIG", "is_testbed",
+           "load_pipeline", "oracle_names", "weights_for"]
+
+
+def is_testbed(source) -> bool:
+    """True for "testbed" and its variants ("testbed:no-circle")."""
+    return str(source) == "testbed" or str(source).startswith("testbed:")
+
+
+def oracle_names() -> list[str]:
+    """The shipped oracles' model names, e.g. ["testbed:no-circle", "testbed:no-red"]."""
+    found = sorted(d.name for d in ORACLES_DIR.glob("no-*") if (d / "unet" / "config.json").is_file())
+    return [f"testbed:{name}" for name in found]
+
+
+def weights_for(source: str) -> Path | None:
+    """The weights folder of a testbed model name: None for "testbed" (the shipped denoiser), the oracle's
+    folder for "testbed:no-VALUE" (trained without VALUE, docs/TESTBED.md)."""
+    if str(source) == "testbed":
+        return None
+    variant = str(source).partition(":")[2]
+    if f"testbed:{variant}" not in oracle_names():
+        raise UserError(f"unknown testbed model {source!r}: use testbed or one of its oracles "
+                        f"({', '.join(oracle_names()) or 'none installed'})")
+    return ORACLES_DIR / variant
 
 
 def load_pipeline(weights_dir: Path | None = None):
