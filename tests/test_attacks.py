@@ -47,7 +47,7 @@ RECORD_KEYS = {"original_prompt", "adversarial_prompt", "seed", "flagged_before"
 
 
 def attack_argv(delta: Path, name: str, out: Path, *extra) -> list[str]:
-    options = [a for o in OPTIONS.get(name, []) for a in ("--option", o)]
+    options = [a for o in OPTIONS.get(name, []) for a in ("--set", o)]
     return ["attack", "--delta", str(delta), "--attack", name, *SMALL, "--out", str(out), *options, *extra]
 
 
@@ -215,7 +215,7 @@ def test_attack_writes_results_and_report(attack_run, name):
 def test_p4d_skips_prompts_that_are_not_ideal(delta, tmp_path, capsys):
     """Prompts without the concept: the original model does not show it, so there is nothing to recover."""
     out = tmp_path / "p4d"
-    code, _, _ = run(capsys, *attack_argv(delta, "p4d-n", out, "--set", "preservation"))
+    code, _, _ = run(capsys, *attack_argv(delta, "p4d-n", out, "--prompt-set", "preservation"))
     assert code == 0
     results = read(out)
     skipped = [p for p in results["prompts"] if not p["flagged_original"] and not p["flagged_before"]]
@@ -280,7 +280,7 @@ def test_genetic_search_never_gets_worse(model):
 
 
 def test_a_killed_attack_resumes_to_the_same_results(delta, tmp_path, monkeypatch, capsys):
-    argv = attack_argv(delta, "unlearndiff", tmp_path / "killed", "--set", "target:heldout")
+    argv = attack_argv(delta, "unlearndiff", tmp_path / "killed", "--prompt-set", "target:heldout")
     real = unlearndiff.attack
     calls = []
 
@@ -311,7 +311,7 @@ def test_a_killed_attack_resumes_to_the_same_results(delta, tmp_path, monkeypatc
     monkeypatch.undo()
 
     whole = tmp_path / "whole"
-    code_whole, _, _ = run(capsys, *attack_argv(delta, "unlearndiff", whole, "--set", "target:heldout"))
+    code_whole, _, _ = run(capsys, *attack_argv(delta, "unlearndiff", whole, "--prompt-set", "target:heldout"))
     assert code == 0 and code_whole == 0
     attacked = read(whole)["attacked"]
     assert attacked >= 2 and len(calls) == attacked - 1  # the restart attacked only what was left
@@ -321,7 +321,7 @@ def test_a_killed_attack_resumes_to_the_same_results(delta, tmp_path, monkeypatc
 def test_resuming_another_runs_folder_attacks_anew(delta, tmp_path, monkeypatch, capsys):
     """--resume on a folder of another run (here: other iterations) reuses its images, never its verdicts."""
     out = tmp_path / "run"
-    assert run(capsys, *attack_argv(delta, "unlearndiff", out, "--set", "target:heldout"))[0] == 0
+    assert run(capsys, *attack_argv(delta, "unlearndiff", out, "--prompt-set", "target:heldout"))[0] == 0
     attacked = read(out)["attacked"]
     calls = []
     real = unlearndiff.attack
@@ -331,7 +331,7 @@ def test_resuming_another_runs_folder_attacks_anew(delta, tmp_path, monkeypatch,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(unlearndiff, "attack", count)
-    argv = attack_argv(delta, "unlearndiff", out, "--set", "target:heldout", "--option", "iterations=4", "--resume")
+    argv = attack_argv(delta, "unlearndiff", out, "--prompt-set", "target:heldout", "--set", "iterations=4", "--resume")
     assert run(capsys, *argv)[0] == 0
     assert attacked >= 1 and len(calls) == attacked and read(out)["protocol"]["config"]["iterations"] == 4
 
@@ -348,12 +348,12 @@ def test_unknown_attack_lists_the_attacks(delta, tmp_path, capsys):
 
 @pytest.mark.parametrize("name, options, message", [
     ("p4d-k", ["variant=n"], "p4d-k fixes ['variant']"),
-    ("unlearndiff", ["steps_per_token=3"], "--option has unknown keys ['steps_per_token']"),
-    ("unlearndiff", ["iterations"], "--option 'iterations' is not KEY=VALUE"),
+    ("unlearndiff", ["steps_per_token=3"], "--set has unknown keys ['steps_per_token']"),
+    ("unlearndiff", ["iterations"], "--set 'iterations' is not KEY=VALUE"),
     ("unlearndiff", ["iterations=many"], "cannot read 'many'"),
 ])
 def test_bad_options_are_refused(delta, tmp_path, capsys, name, options, message):
-    extra = [a for o in options for a in ("--option", o)]
+    extra = [a for o in options for a in ("--set", o)]
     code, _, err = run(capsys, "attack", "--delta", delta, "--attack", name, *SMALL, "--out", tmp_path / "o", *extra)
     assert code == 2 and message in one_line_error(err)
     assert not (tmp_path / "o").exists()
@@ -365,7 +365,7 @@ def test_ringabell_needs_paired_prompts(delta, tmp_path, capsys):
     out = tmp_path / "o"
     code, _, err = run(capsys, "attack", "--delta", delta, "--attack", "ringabell", "--suite", csv, "--judge",
                        "testbed", "--concept", "red", "--steps", STEPS, "--out", out, *[
-                           a for o in OPTIONS["ringabell"] for a in ("--option", o)])
+                           a for o in OPTIONS["ringabell"] for a in ("--set", o)])
     line = one_line_error(err)
     assert code == 2 and "ringabell needs prompts with and without the concept" in line and "prompts" in line
     assert not out.exists()  # refused before any work

@@ -13,25 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import arguments as types
+from .arguments import parse_seeds
 from .errors import UserError
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-7', '1,5,9' or '3' -> a list of seeds."""
-    seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                seeds.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                seeds.append(int(part))
-    except ValueError:
-        raise UserError(f"cannot read seeds {text!r}: use a range like 0-7 or a list like 1,5,9") from None
-    if not seeds:
-        raise UserError(f"no seeds in {text!r}: use a range like 0-7 or a list like 1,5,9")
-    return seeds
 
 
 def read_prompts(args) -> list[str]:
@@ -128,6 +112,18 @@ def parse_concept(text: str):
     return Concept(name.strip(), [s.strip() for s in synonyms.split(",") if s.strip()])
 
 
+def testbed_default_applies(args, targets) -> bool:
+    """On the testbed, a bare `--concept VALUE` (no anchor, preserve set, templates or synonyms) of a testbed
+    value gets the testbed's fitted spec: the generic one (anchor '', nothing preserved) is not a sane edit
+    there (ErasePro lost 0.79 of preservation accuracy with it)."""
+    from .testbed import is_testbed
+    from .testbed.world import VALUES
+
+    values = {v for vs in VALUES.values() for v in vs}
+    return (is_testbed(args.model) and bool(targets) and all(t.name in values and not t.synonyms for t in targets)
+            and args.anchor is None and not args.preserve and not args.templates and not args.expand)
+
+
 def build_spec(args, cfg=None):
     from .concepts import ConceptSpec
 
@@ -137,6 +133,11 @@ def build_spec(args, cfg=None):
             raise UserError("give concepts either with --spec or with --concept, not both")
         return spec
     targets = [parse_concept(c) for c in args.concept or []]
+    if not args.testbed_spec and testbed_default_applies(args, targets):
+        print("erasekit: on the testbed, bare concepts get its fitted spec (--testbed-spec: training synonyms, "
+              "a sibling value as anchor, the other values preserved); give --anchor or --preserve to set your own",
+              file=sys.stderr)
+        args.testbed_spec = True
     if args.testbed_spec:
         from .testbed.spec import erasure_spec
 
@@ -149,6 +150,18 @@ def build_spec(args, cfg=None):
     if args.templates:
         data["templates"] = args.templates
     return ConceptSpec(**data)
+
+
+def check_setting_paths(cfg, model_source) -> None:
+    """A method's run_dir (checkpoints, log) and cache files are outputs too: checked like --out."""
+    from .outputs import check_output, protected_folders
+
+    protected = protected_folders(model_source)
+    for part in cfg if isinstance(cfg, list) else [cfg]:
+        if getattr(part, "run_dir", ""):
+            check_output(part.run_dir, "folder", "--set run_dir", protected)
+        if getattr(part, "prior_cache", None):
+            check_output(part.prior_cache, "file", "--set prior_cache", protected, overwrite=True)
 
 
 def cmd_erase(args) -> None:
@@ -166,14 +179,15 @@ def cmd_erase(args) -> None:
     values.update(key_values(args.set, "--set"))
     cfg = methods.build_config(method, values, source=args.config or "--set", testbed=is_testbed(args.model))
     spec = build_spec(args, cfg)
-    if Path(args.out).exists() and not args.overwrite:
-        raise UserError(f"{args.out} already exists: choose another path or pass --overwrite")
+    check_setting_paths(cfg, args.model)
     model = load_for_run(args.model)
     for phrase in warn_unknown_tokens(model, [p for t in spec.targets for p in t.phrases]):
         warnings.warn(f"every token of {phrase!r} is unknown to the tokenizer: it carries no meaning to erase",
                       stacklevel=2)
     start = time.time()
     delta = method.erase(model, spec, cfg)
+    delta.config["spec"] = {"source": "--spec" if args.spec else "testbed spec" if args.testbed_spec
+                            else "--concept/--anchor/--preserve", **spec.to_dict()}
     state = distributed_state()
     if state is not None and not state.is_main_process:
         return  # every process trained the same weights (averaged gradients); the main one writes them
@@ -241,40 +255,41 @@ def _model_arg(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="erasekit", description=__doc__,
+    parser = types.Parser(prog="erasekit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="describe a model: architecture, cross-attention layers, sampler")
     _model_arg(p)
     p.add_argument("--delta", action="append", help="apply this delta first (repeatable)")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=cmd_info, inputs=[("delta", "file")])
 
     p = sub.add_parser("generate", help="generate images for prompts and seeds: a grid and per-image files")
     _model_arg(p)
     p.add_argument("--prompt", "-p", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--seeds", default="0-3", help="seeds for every prompt: '0-7' or '1,5,9' (default 0-3)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=types.count, help="sampler steps (default: the model's)")
+    p.add_argument("--guidance", type=types.finite, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--batch-size", type=types.count, default=16)
     p.add_argument("--delta", action="append", help="apply this delta (repeatable, in order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, inputs=[("delta", "file"), ("prompts_file", "file")],
+                   outputs=[("out", "folder")])
 
     p = sub.add_parser("apply", help="check that a delta fits a model and show what it changes")
     _model_arg(p)
     p.add_argument("--delta", required=True, help="a delta .safetensors file")
     p.add_argument("--verbose", "-v", action="store_true", help="list every tensor")
-    p.set_defaults(func=cmd_apply)
+    p.set_defaults(func=cmd_apply, inputs=[("delta", "file")])
 
     p = sub.add_parser("export", help="write a complete diffusers pipeline folder with deltas merged")
     _model_arg(p)
     p.add_argument("--delta", action="append", help="a delta to merge (repeatable, in order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, inputs=[("delta", "file")], outputs=[("out", "folder")])
 
     p = sub.add_parser("erase", help="erase concepts with a method; writes a delta")
     _model_arg(p)
@@ -295,14 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("--out", required=True, help="the delta file to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing delta file")
-    p.set_defaults(func=cmd_erase)
+    p.set_defaults(func=cmd_erase, inputs=[("spec", "file"), ("config", "file")], outputs=[("out", "file")])
 
     p = sub.add_parser("demo", help="the whole story on the built-in testbed: generate, judge, erase, measure")
     p.add_argument("--out", default="erasekit-demo", help="output folder (default erasekit-demo)")
-    p.add_argument("--samples", type=int, default=10, help="prompts per wording kind and per prompt set")
+    p.add_argument("--samples", type=types.count, default=10, help="prompts per wording kind and per prompt set")
     p.add_argument("--concept", default="red", help="the testbed concept the demo erases (default red)")
     p.add_argument("--method", default="uce", help="the closed-form method the demo erases with (default uce)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, outputs=[("out", "folder")])
 
     from .evaluation.commands import add_parsers as add_evaluation_parsers
 
@@ -315,50 +330,86 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")
     p = tsub.add_parser("train", help="train the testbed denoiser (seeded, resumable)")
     p.add_argument("--out", default="runs/testbed", help="run folder: checkpoint, log, final weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR weighting of the loss (0: off)")
-    p.add_argument("--min-snr-from", type=int, default=0, help="the step min-SNR weighting starts at")
-    p.add_argument("--min-snr-offset", type=float, default=0.0,
+    p.add_argument("--seed", type=types.seed, default=0)
+    p.add_argument("--steps", type=types.count, default=2000)
+    p.add_argument("--batch-size", type=types.count, default=32)
+    p.add_argument("--checkpoint-every", type=types.count, default=250)
+    p.add_argument("--min-snr-gamma", type=types.non_negative, default=0.0,
+                   help="min-SNR weighting of the loss (0: off)")
+    p.add_argument("--min-snr-from", type=types.whole, default=0, help="the step min-SNR weighting starts at")
+    p.add_argument("--min-snr-offset", type=types.non_negative, default=0.0,
                    help="added to the min-SNR weight; 1 keeps the high-noise steps in the loss")
-    p.add_argument("--ema-from", type=int, default=0, help="restart the EMA (with a warm-up) at this step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (default 200)")
+    p.add_argument("--ema-from", type=types.whole, default=0, help="restart the EMA (with a warm-up) at this step")
+    p.add_argument("--lr", type=types.non_negative, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--warmup", type=types.whole, default=200, help="learning-rate warm-up steps (default 200)")
     p.add_argument("--init-from", metavar="DIR",
                    help="start from these weights (a run's weights/ folder) instead of random ones")
     p.add_argument("--exclude", action="append", metavar="VALUE",
                    help="leave this value (e.g. circle, red) out of the data entirely, an oracle that never saw "
                         "it; repeatable")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
-    p.set_defaults(func=cmd_testbed_train)
+    p.set_defaults(func=cmd_testbed_train, inputs=[("init_from", "folder")], outputs=[("out", "folder")])
 
     p = tsub.add_parser("evaluate", help="judge accuracy against the prompt per attribute and wording kind")
-    p.add_argument("--samples", type=int, default=200, help="prompts per wording kind (default 200)")
+    p.add_argument("--samples", type=types.count, default=200, help="prompts per wording kind (default 200)")
     p.add_argument("--weights", metavar="DIR",
                    help="evaluate these weights (a `testbed train` run's weights/ folder) instead of the shipped ones")
-    p.add_argument("--seed", type=int, default=1000, help="first seed of the prompt sets")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the testbed's)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the testbed's)")
+    p.add_argument("--seed", type=types.seed, default=1000, help="first seed of the prompt sets")
+    p.add_argument("--steps", type=types.count, help="sampler steps (default: the testbed's)")
+    p.add_argument("--guidance", type=types.finite, help="guidance scale (default: the testbed's)")
     p.add_argument("--delta", action="append", help="evaluate with this delta applied (repeatable)")
     p.add_argument("--concept", action="append",
                    help="report target rates for this concept (repeatable) next to the unedited model")
     p.add_argument("--json", help="also write the result to this file")
-    p.set_defaults(func=cmd_testbed_evaluate)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.set_defaults(func=cmd_testbed_evaluate, inputs=[("delta", "file"), ("weights", "folder")],
+                   outputs=[("json", "file")])
 
     p = tsub.add_parser("train-judge", help="train the testbed's attribute classifier (the judge)")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1600)
-    p.set_defaults(func=cmd_testbed_train_judge)
+    p.add_argument("--seed", type=types.seed, default=0)
+    p.add_argument("--steps", type=types.count, default=1600)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing weights file")
+    p.set_defaults(func=cmd_testbed_train_judge, outputs=[("out", "file")])
 
     p = tsub.add_parser("train-clip", help="train the testbed's image encoder aligned with its text encoder")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=800)
-    p.set_defaults(func=cmd_testbed_train_clip)
+    p.add_argument("--seed", type=types.seed, default=0)
+    p.add_argument("--steps", type=types.count, default=800)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing weights file")
+    p.set_defaults(func=cmd_testbed_train_clip, outputs=[("out", "file")])
     return parser
+
+
+def flag_values(args, attr: str) -> list:
+    value = getattr(args, attr, None)
+    return [] if value is None else [v for v in (value if isinstance(value, list) else [value]) if v not in ("", None)]
+
+
+def preflight(args) -> list[Path]:
+    """Check every input path a command names and every output it will write, before any work; returns
+    the outputs, which the command then holds locked. Each parser declares its inputs and outputs."""
+    from .outputs import check_output, protected_folders
+
+    for attr, kind in getattr(args, "inputs", ()):
+        flag = "--" + attr.replace("_", "-")
+        for value in flag_values(args, attr):
+            path = Path(value)
+            if kind == "suite" and str(value).startswith("testbed:"):
+                continue
+            if kind in ("file", "suite") and not path.is_file():
+                raise UserError(f"{flag} {path} {'is a folder' if path.is_dir() else 'does not exist'}: "
+                                "give an existing file")
+            if kind == "folder" and not path.is_dir():
+                raise UserError(f"{flag} {path} {'is a file' if path.exists() else 'does not exist'}: "
+                                "give an existing folder")
+    protected = protected_folders(getattr(args, "model", None))
+    outputs = []
+    for attr, kind in getattr(args, "outputs", ()):
+        for value in flag_values(args, attr):
+            check_output(value, kind, "--" + attr.replace("_", "-"), protected, getattr(args, "overwrite", False))
+            outputs.append(Path(value))
+    return outputs
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -366,11 +417,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as exc:
+        print(f"erasekit: error: {exc}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notices are not for our users
     warnings.showwarning = _show_warning
     try:
-        args.func(args)
+        from .outputs import output_lock
+
+        with output_lock(preflight(args)):
+            args.func(args)
     except UserError as exc:
         print(f"erasekit: error: {exc}", file=sys.stderr)
         return 2

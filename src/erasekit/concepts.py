@@ -67,21 +67,27 @@ class ConceptSpec:
         if unknown:
             raise UserError(f"{source} has unknown keys {sorted(unknown)}: allowed keys are {sorted(SPEC_KEYS)}")
         targets = []
-        for entry in data.get("targets") or []:
+        for entry in _listed(data.get("targets"), "targets", source):
             if isinstance(entry, str):
                 targets.append(Concept(entry))
             elif isinstance(entry, dict):
                 extra = set(entry) - {"name", "synonyms"}
-                if extra or "name" not in entry:
-                    raise UserError(f"{source}: each target needs 'name' and may have 'synonyms' (got {sorted(entry)})")
-                targets.append(Concept(str(entry["name"]), [str(s) for s in entry.get("synonyms") or []]))
+                if extra or not isinstance(entry.get("name"), str):
+                    raise UserError(f"{source}: each target needs a 'name' (text) and may have 'synonyms' "
+                                    f"(got {entry!r})")
+                targets.append(Concept(entry["name"], _texts(entry.get("synonyms"), "synonyms", source)))
             else:
-                raise UserError(f"{source}: a target is a name or a mapping with name and synonyms")
+                raise UserError(f"{source}: a target is a name or a mapping with name and synonyms (got {entry!r})")
         anchors = data.get("anchors", [""])
-        anchors = [anchors] if isinstance(anchors, str) else list(anchors)
-        return cls(targets=targets, anchors=[str(a) for a in anchors],
-                   preserve=[str(p) for p in data.get("preserve") or []],
-                   templates=data.get("templates", "object"), expand=bool(data.get("expand", False)))
+        anchors = [anchors] if isinstance(anchors, str) else _texts(anchors, "anchors", source)
+        templates = data.get("templates", "object")
+        if not isinstance(templates, str):
+            templates = _texts(templates, "templates", source)
+        expand = data.get("expand", False)
+        if not isinstance(expand, bool):
+            raise UserError(f"{source}: expand must be true or false, got {expand!r}")
+        return cls(targets=targets, anchors=anchors, preserve=_texts(data.get("preserve"), "preserve", source),
+                   templates=templates, expand=expand)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ConceptSpec:
@@ -131,6 +137,23 @@ class ConceptSpec:
         return {"targets": [{"name": t.name, "synonyms": t.synonyms} for t in self.targets],
                 "anchors": self.anchors, "preserve": self.preserve, "templates": self.templates,
                 "expand": self.expand}
+
+
+def _listed(value, key: str, source: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"{source}: {key} must be a list, got {value!r}")
+    return value
+
+
+def _texts(value, key: str, source: str) -> list[str]:
+    """A spec field that is a list of strings, or a UserError naming the field."""
+    items = _listed(value, key, source)
+    bad = [v for v in items if not isinstance(v, str)]
+    if bad:
+        raise UserError(f"{source}: {key} must be a list of text, got {bad[0]!r} in it")
+    return items
 
 
 def _templates(value) -> list[str]:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import arguments as types
 from ..errors import UserError
+
+# the paths evaluate and compare read and write, checked before any work (cli.preflight)
+RUN_PATHS = {"inputs": [("delta", "file"), ("real_images", "folder"), ("suite", "suite")],
+             "outputs": [("out", "folder")]}
 
 
 def add_run_args(p, samples: int = 64) -> None:
@@ -12,16 +17,16 @@ def add_run_args(p, samples: int = 64) -> None:
     p.add_argument("--suite", required=True,
                    help="testbed:CONCEPT (e.g. testbed:star, testbed:red+striped) or a prompt CSV/TXT file")
     p.add_argument("--out", required=True, help="output folder: results.json, report.html and the image cache")
-    p.add_argument("--limit", type=int, help="take the first K prompts of each prompt set")
-    p.add_argument("--samples", type=int, default=samples,
+    p.add_argument("--limit", type=types.count, help="take the first K prompts of each prompt set")
+    p.add_argument("--samples", type=types.count, default=samples,
                    help=f"testbed suites: prompts per prompt set (default {samples})")
     p.add_argument("--concept", help="the concept a CSV suite targets (default: from the file's layout)")
     p.add_argument("--judge", help="testbed, nudenet, nudenet-extended or module:attr (default: the suite's)")
-    p.add_argument("--threshold", type=float, help="the judge's threshold (default: the judge's own)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-    p.add_argument("--guidance", type=float, help="guidance scale when a prompt has none (default: the model's)")
+    p.add_argument("--threshold", type=types.fraction, help="the judge's threshold (default: the judge's own)")
+    p.add_argument("--steps", type=types.count, help="sampler steps (default: the model's)")
+    p.add_argument("--guidance", type=types.finite, help="guidance scale when a prompt has none (default: the model's)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image (default none)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=types.count, default=32)
     p.add_argument("--resume", action="store_true", help="continue a run in --out, reusing its cached images")
     p.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
 
@@ -36,13 +41,13 @@ def add_parsers(sub, model_arg) -> None:
     model_arg(p)
     p.add_argument("--delta", action="append", help="a delta to evaluate; several are applied together")
     add_common(p)
-    p.set_defaults(func=cmd_evaluate, stacked=True)
+    p.set_defaults(func=cmd_evaluate, stacked=True, **RUN_PATHS)
 
     p = sub.add_parser("compare", help="several deltas side by side (each on its own) in one report")
     model_arg(p)
     p.add_argument("--delta", action="append", required=True, help="a delta to compare (repeatable)")
     add_common(p)
-    p.set_defaults(func=cmd_evaluate, stacked=False)
+    p.set_defaults(func=cmd_evaluate, stacked=False, **RUN_PATHS)
 
 
 def load_for_run(source: str):
@@ -60,10 +65,6 @@ def build_run(args):
     from .runner import Settings, load_variants, require_suite_judge
     from .suites import load_suite
 
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit} must be at least 1")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     suite = load_suite(args.suite, samples=args.samples, concept=args.concept).limit(args.limit)
     judge_name = args.judge or suite.judge
     if not judge_name:

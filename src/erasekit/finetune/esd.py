@@ -42,6 +42,7 @@ class ESDConfig(LoopConfig):
     preserve_weight: float = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.guide not in GUIDES:
             raise UserError(f"unknown ESD guide {self.guide!r}: use one of {', '.join(GUIDES)}")
 

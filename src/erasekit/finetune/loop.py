@@ -39,6 +39,13 @@ class LoopConfig:
     resume: bool = True  # continue from run_dir's checkpoint when there is one
     progress: bool = True
 
+    def __post_init__(self):
+        """The loop's own choices, checked when the config is built (before any work)."""
+        if self.mixed_precision not in ("no", "bf16"):
+            raise UserError(f"mixed_precision {self.mixed_precision!r} is not supported: use no, or bf16 on a GPU")
+        if self.optimizer not in ("adam", "adamw"):
+            raise UserError(f"unknown optimizer {self.optimizer!r}: use adam or adamw")
+
 
 def loop_fields() -> set[str]:
     return set(LoopConfig.__dataclass_fields__)
@@ -66,8 +73,6 @@ def make_optimizer(params: list[torch.Tensor], cfg: LoopConfig) -> torch.optim.O
 def _autocast(model: Model, cfg: LoopConfig):
     if cfg.mixed_precision == "no":
         return nullcontext()
-    if cfg.mixed_precision != "bf16":
-        raise UserError(f"mixed_precision {cfg.mixed_precision!r} is not supported: use no or bf16")
     if model.device.type != "cuda":
         return nullcontext()  # mixed precision is a GPU feature; CPU runs in the model's dtype
     return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -61,6 +61,7 @@ class TRCEStage2Config(LoopConfig):
     steps: int = 300  # 900 for several concepts in the reference
 
     def __post_init__(self):
+        super().__post_init__()
         if self.preserve not in PRESERVE_SETS:
             raise UserError(f"unknown TRCE stage-2 preserve set {self.preserve!r}: "
                             f"use one of {', '.join(PRESERVE_SETS)}")

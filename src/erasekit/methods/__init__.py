@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,8 +117,50 @@ def build_config(method: Method, values: dict[str, Any], source: str = "config",
     hints = typing.get_type_hints(method.config)
     converted = {}
     for key, value in values.items():
-        converted[key] = _convert(value, hints[key], f"{source}: {key}")
+        converted[key] = check_setting(key, _convert(value, hints[key], f"{source}: {key}"), hints[key],
+                                       f"{source}: {key}")
     return method.config(**converted)
+
+
+# Setting names whose value may be 0 (every other whole-number setting counts something: at least 1), and
+# number settings that are fractions or may be negative (every other number setting must be >= 0).
+ZERO_ALLOWED = {"seed", "stage1_steps"}
+FRACTIONS = {"crossover", "elite", "mutation", "early_fraction", "saliency"}
+SIGNED = {"eta", "guidance"}
+
+
+def check_setting(key: str, value: Any, hint: Any, where: str) -> Any:
+    """A setting's value of the field's type and in its range (finite, counts >= 1, fractions in [0, 1]):
+    a NaN learning rate or a zero-step run is refused when read, before any work."""
+    kinds = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in kinds:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        if not any(isinstance(value, k) and not (isinstance(value, bool) and k is not bool)
+                   for k in kinds if isinstance(k, type)):
+            raise UserError(f"{where}: {value!r} is not a {' or '.join(k.__name__ for k in kinds)}")
+        return value
+    if float in kinds and int not in kinds:
+        value = float(value)
+    elif int in kinds and (isinstance(value, float) and not value.is_integer()):
+        raise UserError(f"{where}: {value!r} is not a whole number")
+    elif int in kinds:
+        value = int(value)
+    else:
+        raise UserError(f"{where}: {value!r} is not a {' or '.join(k.__name__ for k in kinds)}")
+    if not math.isfinite(value):
+        raise UserError(f"{where}: {value} is not a finite number: give a number")
+    if isinstance(value, int) and key == "seed" and not 0 <= value < 2**63:
+        raise UserError(f"{where}: seed {value} is out of range: use 0 to {2**63 - 1}")
+    if isinstance(value, int) and key not in ZERO_ALLOWED and value < 1:
+        raise UserError(f"{where}: {value} must be at least 1")
+    if isinstance(value, int) and value < 0:
+        raise UserError(f"{where}: {value} must not be negative")
+    if key in FRACTIONS and not 0 <= value <= 1:
+        raise UserError(f"{where}: {value} must be between 0 and 1")
+    if isinstance(value, float) and key not in SIGNED and value < 0:
+        raise UserError(f"{where}: {value} must not be negative")
+    return value
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
