@@ -8,7 +8,7 @@ import math
 
 from .errors import UserError
 
-MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; numpy's take 0..2**64-1
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes (suites' seed columns allow the same)
 
 
 class Parser(argparse.ArgumentParser):

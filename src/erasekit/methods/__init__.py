@@ -150,8 +150,8 @@ def check_setting(key: str, value: Any, hint: Any, where: str) -> Any:
         raise UserError(f"{where}: {value!r} is not a {' or '.join(k.__name__ for k in kinds)}")
     if not math.isfinite(value):
         raise UserError(f"{where}: {value} is not a finite number: give a number")
-    if isinstance(value, int) and key == "seed" and not 0 <= value < 2**63:
-        raise UserError(f"{where}: seed {value} is out of range: use 0 to {2**63 - 1}")
+    if isinstance(value, int) and key == "seed" and not 0 <= value < 2**32:
+        raise UserError(f"{where}: seed {value} is out of range: use 0 to {2**32 - 1}")
     if isinstance(value, int) and key not in ZERO_ALLOWED and value < 1:
         raise UserError(f"{where}: {value} must be at least 1")
     if isinstance(value, int) and value < 0:
