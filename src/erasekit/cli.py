@@ -187,7 +187,7 @@ def cmd_erase(args) -> None:
 
 
 def cmd_testbed_evaluate(args) -> None:
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_json
     from .delta import Delta
     from .model import load_testbed
     from .testbed.evaluate import attribute_accuracy, concept_report
@@ -209,10 +209,9 @@ def cmd_testbed_evaluate(args) -> None:
             result = attribute_accuracy(model, judge, samples=args.samples, seed=args.seed, steps=args.steps,
                                         guidance=args.guidance)
         result["deltas"] = args.delta or []
-    text = json.dumps(result, indent=2)
     if args.json:
-        atomic_write_text(Path(args.json), text + "\n")
-    print(text)
+        atomic_write_json(Path(args.json), result)
+    print(json.dumps(result, indent=2))
 
 
 def cmd_testbed_train_judge(args) -> None:

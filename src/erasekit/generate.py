@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .checkpoint import atomic_write_json
 from .grid import make_grid, to_pil
 from .model import Model
 from .outputs import atomic_dir
@@ -32,5 +32,5 @@ def generate_to_folder(model: Model, prompts: list[str], seeds: list[int], out: 
             tmp / "grid.png")
         record = {"model": model.identity(), "deltas": [str(d) for d in deltas], "steps": steps,
                   "guidance": guidance, "scheduler": "DDIM (eta 0)", "dtype": str(model.dtype), "images": records}
-        (tmp / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_json(tmp / "generation.json", record)
     return Path(out)

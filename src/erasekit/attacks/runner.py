@@ -8,7 +8,6 @@ prompt's attack draws from its own seeded generator, so the result does not depe
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write, atomic_write_text
+from ..checkpoint import append_jsonl, atomic_write, atomic_write_json, resume_jsonl
 from ..errors import UserError
 from ..evaluation.cache import ImageCache, image_key
 from ..evaluation.protocol import check_run_dir, package_versions, weights_hash
@@ -50,15 +49,8 @@ def _generate(ctx: AttackContext, cache: ImageCache, prompts, keys, deltas: bool
 
 
 def _read_progress(path: Path) -> dict[int, dict]:
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut off by a kill
-            done[rec["index"]] = rec
-    return done
+    """The finished prompts' records (a line torn by a kill is truncated away: that prompt runs again)."""
+    return {rec["index"]: rec for rec in resume_jsonl(path, keep=lambda rec: isinstance(rec.get("index"), int))}
 
 
 def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out: Path, resume: bool = False,
@@ -93,18 +85,17 @@ def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out
             continue
         rec = _attack_one(ctx, attack, cfg, cache, out, model_hash, i, p, flagged_original[i], flagged_before[i],
                           prepared, original_keys[i], before_keys[i])
-        with open(out / PROGRESS, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(out / PROGRESS, rec)
         done[i] = rec
         bar.update(1)
     bar.close()
     records = [done[i] for i in range(len(prompts))]
     results = _results(protocol, records)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out / "results.json", results)
     attacked = [r["seconds"] for r in records if r["attacked"]]
     timing = {"attacked_prompts": len(attacked),
               "seconds_per_attacked_prompt": round(sum(attacked) / len(attacked), 3) if attacked else None}
-    atomic_write_text(out / "timing.json", json.dumps(timing, indent=2) + "\n")
+    atomic_write_json(out / "timing.json", timing)
     results["_timing"] = timing
     from .report import write_attack_report
 

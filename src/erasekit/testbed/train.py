@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..checkpoint import append_jsonl, atomic_write_json, load_checkpoint, resume_jsonl, save_checkpoint
 from ..errors import UserError
 from .architecture import RESOLUTION, SCHEDULER_CONFIG, build_unet
 from .text import MAX_LENGTH, load_text_encoder
@@ -142,6 +142,7 @@ def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) 
         ema = {k: v.to(device) for k, v in groups["ema"].items()}
         start, elapsed = meta["step"], meta["elapsed"]
         print(f"resuming from step {start} ({ckpt_path})", flush=True)
+    resume_jsonl(log_path, keep=lambda rec: rec.get("step", 0) <= start)  # no torn line, no step logged twice
 
     t0 = time.time() - elapsed
     for step in range(start, cfg.steps):
@@ -181,8 +182,7 @@ def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) 
         if done % cfg.log_every == 0 or done == cfg.steps:
             rec = {"step": done, "loss": round(loss.item(), 5), "lr": lr_at(step, cfg),
                    "elapsed_s": round(time.time() - t0, 1)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_jsonl(log_path, rec)
             print(json.dumps(rec), flush=True)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(ckpt_path, {"unet": unet.state_dict(), "ema": ema},
@@ -244,6 +244,6 @@ def export_weights(cfg: TrainConfig, ema: dict[str, torch.Tensor], wall_s: float
     }
     if cfg.init_from:
         record["initialised_from"] = initial_record(cfg.init_from)
-    atomic_write_text(target / "unet_training.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_json(target / "unet_training.json", record)
     print(f"wrote {target}", flush=True)
     return target
