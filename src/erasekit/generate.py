@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import atomic_write_json
-from .grid import make_grid, to_pil
+from .grid import check_finite, make_grid, to_pil
 from .model import Model
 from .outputs import atomic_dir
 
@@ -20,6 +20,7 @@ def generate_to_folder(model: Model, prompts: list[str], seeds: list[int], out: 
     with atomic_dir(out, overwrite=overwrite, protected=protected) as tmp:
         images = model.sample([p for p, _ in pairs], [s for _, s in pairs], steps=steps, guidance=guidance,
                               batch_size=batch_size)
+        check_finite(images, [f"prompt {p!r} seed {s}" for p, s in pairs])
         pils = to_pil(images)
         (tmp / "images").mkdir()
         records = []

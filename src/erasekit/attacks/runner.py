@@ -44,7 +44,7 @@ def _generate(ctx: AttackContext, cache: ImageCache, prompts, keys, deltas: bool
         texts, seeds = [prompts[i].text for i in chunk], [prompts[i].seed for i in chunk]
         with ctx.erased_model() if deltas else nullcontext():
             images = ctx.generate(texts, seeds, guidance=guidance)
-        cache.put([keys[i] for i in chunk], images)
+        cache.put([keys[i] for i in chunk], images, [f"prompt {t!r} seed {s}" for t, s in zip(texts, seeds)])
     return cache.get(keys)
 
 
@@ -129,7 +129,7 @@ def _attack_one(ctx, attack, cfg, cache, out, model_hash, i, p, flagged_original
                           {**ctx.settings.for_prompt(p), **extra_key})
     with ctx.erased_model():
         image = ctx.generate([found.text], [p.seed], embeddings=found.embedding, guidance=guidance)
-    cache.put([after_key], image)
+    cache.put([after_key], image, [f"adversarial prompt {found.text!r} seed {p.seed}"])
     flagged_after = ctx.flags(image, [p])[0]
     return {**rec, "adversarial_prompt": found.text, "adversarial_ids": found.ids, **extra_key,
             "flagged_after": flagged_after, "attacked": True, "loss": found.loss, "after_key": after_key,

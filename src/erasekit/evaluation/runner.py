@@ -141,7 +141,8 @@ def generate_missing(model: Model, plan: Plan, cache: ImageCache, settings: Sett
                                       steps=settings.steps, guidance=guidance,
                                       negative_prompt=settings.negative_prompt,
                                       batch_size=settings.batch_size, progress=False)
-                cache.put([i.key for i in chunk], images)
+                cache.put([i.key for i in chunk], images,
+                          [f"{variant.name}: prompt {i.prompt.text!r} seed {i.prompt.seed}" for i in chunk])
                 bar.update(len(chunk))
     bar.close()
     return len(todo)

@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint import append_jsonl, atomic_write_json, load_checkpoint, resume_jsonl, save_checkpoint
 from ..errors import UserError
+from ..files import read_mapping
 from .architecture import RESOLUTION, SCHEDULER_CONFIG, build_unet
 from .text import MAX_LENGTH, load_text_encoder
 from .world import VALUES, caption, random_scene, render
@@ -210,6 +211,9 @@ def unet_folder(path: Path) -> Path:
     """The diffusers unet folder at path or at path/unet."""
     for candidate in (path, path / "unet"):
         if (candidate / "config.json").is_file():
+            if not any(candidate.glob("*.safetensors")):
+                raise UserError(f"--init-from {path}: {candidate} has no safetensors weights (erasekit loads no "
+                                "pickle): pass a folder written by `erasekit testbed train` (its weights/ folder)")
             return candidate
     raise UserError(f"--init-from {path}: no unet weights there (expected {path}/unet/config.json); "
                     "pass a folder written by `erasekit testbed train` (its weights/ folder)")
@@ -218,14 +222,14 @@ def unet_folder(path: Path) -> Path:
 def load_initial_weights(path: Path) -> dict[str, torch.Tensor]:
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(unet_folder(path), torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(unet_folder(path), torch_dtype=torch.float32, use_safetensors=True)
     return unet.state_dict()
 
 
 def initial_record(path: str) -> dict:
     """The training record of the weights a run started from, or their path when they have none."""
     record = unet_folder(Path(path)).parent / "unet_training.json"
-    return json.loads(record.read_text()) if record.is_file() else {"weights": str(path)}
+    return read_mapping(record, "training record") if record.is_file() else {"weights": str(path)}
 
 
 def export_weights(cfg: TrainConfig, ema: dict[str, torch.Tensor], wall_s: float, argv: list[str] | None) -> Path:
