@@ -75,8 +75,10 @@ def refuse_pickle(path: Path, what: str = "delta") -> None:
     """UserError unless path looks like safetensors: a pickle-format suffix, or a pickle or zip (torch.save)
     header, is refused before anything reads it."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"PK\x03\x04":
+        head = f.read(9)
+    safetensors_shaped = head[8:9] == b"{"  # an 8-byte header length, then the JSON header
+    pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # pickle protocol 2-5
+    if path.suffix.lower() in PICKLE_SUFFIXES or head[:4] == b"PK\x03\x04" or (pickled and not safetensors_shaped):
         raise UserError(f"{what} {path} is a pickle checkpoint, not safetensors: erasekit loads no pickle (unpickling "
                         f"can run code); {CONVERT_HINT}")
 

@@ -441,8 +441,8 @@ def _load_plugin(spec: str, options: dict) -> Judge:
                             "--threshold, or name a Judge subclass or factory")
         return target
     if not callable_as_judge(target):
-        raise UserError(f"judge plug-in {spec!r} is not a Judge subclass nor a function marked "
-                        "@erasekit.judge_factory, so erasekit will not call it: name a Judge subclass, or mark "
+        raise UserError(f"judge plug-in {spec!r} (a {type(target).__name__}) is not a Judge subclass nor a function "
+                        "marked @erasekit.judge_factory, so erasekit will not call it: name a Judge subclass, or mark "
                         "your factory with @erasekit.judge_factory")
     _check_options(spec, target, options)
     judge = target(**options)
