@@ -83,6 +83,18 @@ def refuse_pickle(path: Path, what: str = "delta") -> None:
                         f"can run code); {CONVERT_HINT}")
 
 
+def _setting(config, key: str):
+    """The first value of key in a (nested) config mapping, or None."""
+    if isinstance(config, dict):
+        if key in config:
+            return config[key]
+        for value in config.values():
+            found = _setting(value, key)
+            if found is not None:
+                return found
+    return None
+
+
 @dataclass
 class Delta:
     tensors: dict[str, torch.Tensor]
@@ -116,7 +128,7 @@ class Delta:
             raise UserError(f"{path} already exists: choose another path or pass --overwrite")
         bad = non_finite(self.tensors)
         if bad:
-            lr = self.config.get("lr")
+            lr = _setting(self.config, "lr")
             lower = (f"lower lr (it was {lr}) or the number of steps" if lr is not None
                      else "use milder settings (--set) for the method")
             raise UserError(f"{self.method} diverged: {len(bad)} of {len(self.tensors)} edited tensors hold NaN or "
