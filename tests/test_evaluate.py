@@ -320,7 +320,7 @@ def test_non_finite_images_are_refused_before_anything_is_written(tiny_sd, tmp_p
 
     model = erasekit.load(tiny_sd)
     broken = {"conv_in.weight": torch.full_like(model.parameter("conv_in.weight"), float("nan"))}
-    with Delta.swapped(model, broken), pytest.raises(UserError, match="prompt 'a cat' seed 3 produced non-finite") as err:
+    with Delta.swapped(model, broken), pytest.raises(UserError, match="prompt 'a cat' seed 3 produced non-fin") as err:
         generate_to_folder(model, ["a cat"], [3], tmp_path / "gen", steps=2)
     assert "\n" not in str(err.value) and not (tmp_path / "gen").exists()
     cache = ImageCache(tmp_path / "cache")

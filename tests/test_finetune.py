@@ -320,8 +320,13 @@ def test_ip_adapter_image_tokens_follow_the_release_layouts(tiny_sd, tmp_path):
     sd = erasekit.load(tiny_sd)
     images = torch.rand(3, 3, 16, 16)
     flat = image_encoder(str(make_tiny_ip_adapter(tmp_path / "a")), sd)(images)
-    nested = image_encoder(str(make_tiny_ip_adapter(tmp_path / "b", layout="bin")), sd)(images)
+    pickled = make_tiny_ip_adapter(tmp_path / "b", layout="bin")
+    with pytest.raises(UserError, match="ip-adapter_sd15.bin is a pickle file .*erasekit loads no pickle by default"):
+        image_encoder(str(pickled), sd)
+    nested = image_encoder(str(pickled), sd, allow_pickle=True)(images)
     assert flat.shape == (3, 4, 32) and torch.allclose(flat, nested, atol=1e-5)  # same seed, either file layout
+    torch.save({"image_proj": {}}, tmp_path / "a" / "ip-adapter_sd15.bin")  # beside the safetensors: never read
+    assert torch.allclose(image_encoder(str(tmp_path / "a"), sd)(images), flat)
     assert torch.allclose(flat.mean(-1), torch.zeros(3, 4), atol=1e-4)  # the projection's LayerNorm ran
     assert not torch.allclose(flat[0], flat[1])  # the tokens depend on the image
 
@@ -329,7 +334,8 @@ def test_ip_adapter_image_tokens_follow_the_release_layouts(tiny_sd, tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.mkdir(), "no ip-adapter"),
     (lambda p: make_adapter(p, cross_attention_dim=48), "width 48"),
-    (lambda p: (p.mkdir(), (p / "ip-adapter_plus.bin").write_bytes(b"junk")), "cannot read"),
+    (lambda p: (p.mkdir(), (p / "ip-adapter_plus.bin").write_bytes(b"junk")), "is a pickle file"),
+    (lambda p: (p.mkdir(), (p / "ip-adapter_plus.safetensors").write_bytes(b"junk")), "cannot read"),
     (lambda p: None, "neither 'testbed' nor a folder"),
 ])
 def test_ip_adapter_folder_errors(tiny_sd, tmp_path, make, message):
