@@ -109,11 +109,11 @@ def test_a_killed_run_resumes_to_the_same_results(deltas, baseline, tmp_path, mo
     original_put = ImageCache.put
     calls = []
 
-    def put_then_die(self, keys, images):
+    def put_then_die(self, keys, images, labels=None):
         calls.append(len(keys))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original_put(self, keys, images)
+        return original_put(self, keys, images, labels)
 
     monkeypatch.setattr(ImageCache, "put", put_then_die)
     try:
