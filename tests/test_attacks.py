@@ -299,6 +299,8 @@ def test_a_killed_attack_resumes_to_the_same_results(delta, tmp_path, monkeypatc
     progress = [json.loads(line) for line in (tmp_path / "killed" / PROGRESS).read_text().splitlines()]
     assert sum(r["attacked"] for r in progress) == 1  # the first attacked prompt was recorded, the second not
     assert not (tmp_path / "killed" / "results.json").exists()
+    with open(tmp_path / "killed" / PROGRESS, "a") as f:
+        f.write('{"index": 7, "original_prompt": "a str')  # a record torn by the kill
 
     calls.clear()
 
@@ -316,6 +318,9 @@ def test_a_killed_attack_resumes_to_the_same_results(delta, tmp_path, monkeypatc
     attacked = read(whole)["attacked"]
     assert attacked >= 2 and len(calls) == attacked - 1  # the restart attacked only what was left
     assert (tmp_path / "killed" / "results.json").read_bytes() == (whole / "results.json").read_bytes()
+    lines = (tmp_path / "killed" / PROGRESS).read_text().splitlines()
+    indexes = [json.loads(line)["index"] for line in lines]  # the torn line is gone, every line a record
+    assert sorted(indexes) == list(range(read(whole)["n"]))
 
 
 def test_resuming_another_runs_folder_attacks_anew(delta, tmp_path, monkeypatch, capsys):

@@ -133,3 +133,105 @@ def test_erase_with_the_testbed_spec(capsys, tmp_path):
 def test_erase_warns_about_a_concept_the_tokenizer_does_not_know(capsys, tmp_path):
     code, _, err = run(capsys, "erase", "--method", "uce", "--concept", "\U00013000", "--out", tmp_path / "u.st")
     assert code == 0 and "unknown to the tokenizer" in err
+
+
+def test_apply_lists_the_components_a_delta_touches(capsys, tiny_sd, tmp_path):
+    """An ErasePro-like delta edits the UNet's K/V and the text encoder: a stock unet.load_state_dict(strict=False)
+    would drop the text-encoder part silently, so apply names it."""
+    from safetensors.torch import save_file
+
+    model = erasekit.load(tiny_sd)
+    kv = model.cross_attention_layers()[:3]
+    text_key, text_module = model.text_mlp_layers()[0]
+    new = {la.name: la.weight * 0.5 for la in kv}
+    new[text_key] = text_module.weight * 1.25
+    path = Delta.from_changes(model, new, method="erasepro").save(tmp_path / "ep.safetensors")
+    code, out, _ = run(capsys, "apply", tiny_sd, "--delta", path)
+    assert code == 0
+    assert "UNet cross-attention K/V: 3 tensors, relative change mean 0.5, max 0.5" in out
+    assert "text encoder: 1 tensors, relative change mean 0.25" in out and "other UNet" not in out
+    assert "silently ignores the text encoder's tensors" in out
+    save_file({la.name: (la.weight * 0.5).detach().contiguous() for la in kv}, str(tmp_path / "uce.safetensors"))
+    code, out, _ = run(capsys, "apply", tiny_sd, "--delta", tmp_path / "uce.safetensors")
+    assert code == 0 and "(foreign delta, provenance unknown) applies cleanly" in out
+    assert "file sha256 " in out and "text encoder" not in out
+
+
+@pytest.fixture(scope="module")
+def pickled_sd(tmp_path_factory, tiny_sd):
+    """The tiny SD folder saved with pickled .bin weights (safe_serialization=False)."""
+    import warnings
+
+    from diffusers import StableDiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    out = tmp_path_factory.mktemp("pickled") / "sd"
+    pipe.save_pretrained(out, safe_serialization=False)
+    assert (out / "unet" / "diffusion_pytorch_model.bin").is_file()
+    return out
+
+
+def test_a_folder_of_pickled_weights_loads_only_with_the_explicit_flag(capsys, pickled_sd, tiny_sd):
+    code, _, err = run(capsys, "info", pickled_sd)
+    line = one_line_error(err)
+    assert code == 2 and "erasekit loads no pickle by default" in line and "diffusion_pytorch_model.bin" in line
+    assert "safe_serialization=True" in line and "--allow-pickle-weights" in line
+    with pytest.raises(erasekit.UserError, match="loads no pickle"):
+        erasekit.load(pickled_sd)
+    code, out, _ = run(capsys, "info", pickled_sd, "--allow-pickle-weights")
+    assert code == 0 and json.loads(out)["cross_attention_matrices"] == 8
+    loaded = erasekit.load(pickled_sd, allow_pickle=True)
+    name = loaded.cross_attention_layers()[0].name
+    assert torch.equal(loaded.parameter(name), erasekit.load(tiny_sd).parameter(name))
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("latin1.txt", "a café\n".encode("latin-1"), "is not UTF-8 (byte 0xe9 on line 1"),
+    ("utf16.txt", "a cat\n".encode("utf-16"), "is UTF-16 text: save it as UTF-8"),
+    ("nul.txt", b"a cat\na d\x00og\n", "holds a NUL byte on line 2"),
+    ("quote.csv", b'prompt,seed\na cat,0\n"a dog,1\na star,2\na tree,3\n', "line 3: a quote that is never closed"),
+    ("fields.csv", b"prompt,seed\na cat,0\na dog,1,extra\n", "line 3 has 3 fields but the header has 2"),
+    ("latin1.csv", "prompt\na café\n".encode("latin-1"), "is not UTF-8"),
+])
+def test_bad_prompt_files_are_one_line(capsys, tiny_sd, tmp_path, name, data, message):
+    (tmp_path / name).write_bytes(data)
+    code, _, err = run(capsys, "generate", tiny_sd, "--prompts-file", tmp_path / name, "--out", tmp_path / "o")
+    line = one_line_error(err)
+    assert code == 2 and message in line and name in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompt_files_with_a_byte_order_mark_are_read(tmp_path):
+    from erasekit.files import read_mapping, read_prompt_list
+
+    (tmp_path / "p.csv").write_bytes("prompt,seed\na cat,0\n\"a dog, sitting\",1\n".encode("utf-8-sig"))
+    assert read_prompt_list(tmp_path / "p.csv") == ["a cat", "a dog, sitting"]
+    (tmp_path / "p.txt").write_bytes("a cat\n\na star\n".encode("utf-8-sig"))
+    assert read_prompt_list(tmp_path / "p.txt") == ["a cat", "a star"]
+    (tmp_path / "c.yaml").write_bytes("lam: 0.5\n".encode("utf-8-sig"))
+    assert read_mapping(tmp_path / "c.yaml") == {"lam": 0.5}
+    (tmp_path / "c.json").write_bytes('{"lam": 1}'.encode("utf-16"))
+    with pytest.raises(erasekit.UserError, match="config file .*c.json is UTF-16"):
+        read_mapping(tmp_path / "c.json")
+
+
+def test_erase_refuses_a_latin1_config_and_spec(capsys, tiny_sd, tmp_path):
+    (tmp_path / "c.yaml").write_bytes("lam: 0.5 # café\n".encode("latin-1"))
+    code, _, err = run(capsys, "erase", tiny_sd, "--method", "uce", "--concept", "cat", "--config",
+                       tmp_path / "c.yaml", "--out", tmp_path / "d.safetensors")
+    assert code == 2 and "config file" in one_line_error(err) and "is not UTF-8" in err
+    (tmp_path / "s.yaml").write_bytes("targets: [caf\xe9]\n".encode("latin-1"))
+    code, _, err = run(capsys, "erase", tiny_sd, "--method", "uce", "--spec", tmp_path / "s.yaml",
+                       "--out", tmp_path / "d.safetensors")
+    assert code == 2 and "spec file" in one_line_error(err) and not (tmp_path / "d.safetensors").exists()
+
+
+def test_a_diverged_erasure_writes_nothing_and_says_what_to_lower(capsys, tiny_sd, tmp_path):
+    out = tmp_path / "d.safetensors"
+    code, _, err = run(capsys, "erase", tiny_sd, "--method", "esd", "--concept", "cat", "--set", "lr=1e20",
+                       "--set", "steps=2", "--set", "sampler_steps=2", "--set", "progress=false", "--out", out)
+    line = one_line_error(err)
+    assert code == 2 and "esd diverged" in line and "hold NaN or inf" in line and "lower lr (it was 1e+20)" in line
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -109,11 +109,11 @@ def test_a_killed_run_resumes_to_the_same_results(deltas, baseline, tmp_path, mo
     original_put = ImageCache.put
     calls = []
 
-    def put_then_die(self, keys, images):
+    def put_then_die(self, keys, images, labels=None):
         calls.append(len(keys))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original_put(self, keys, images)
+        return original_put(self, keys, images, labels)
 
     monkeypatch.setattr(ImageCache, "put", put_then_die)
     try:
@@ -280,3 +280,52 @@ def test_nudenet_judge_counts_exposed_parts_per_prompt_set(deltas, tmp_path, cap
     assert metrics["original"]["sets"]["target"]["flagged_rate"] == 1.0
     code, _, err = run(capsys, *argv[:-2], "--judge", "testbed", "--out", tmp_path / "t")
     assert code == 2 and "names no concept" in one_line_error(err) and "--concept" in one_line_error(err)
+
+
+# --- nothing non-finite is written ----------------------------------------------------------------
+
+
+def strict_json(path: Path):
+    def refuse(name):
+        raise AssertionError(f"{path} holds {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_nan_metric_is_written_as_null_with_its_reason(deltas, tmp_path, monkeypatch):
+    from erasekit.evaluation import measure as measure_module
+
+    real = measure_module.measure
+
+    def with_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["metrics"]["edited"]["fid_gen"] = float("nan")
+        return out
+
+    monkeypatch.setattr(measure_module, "measure", with_nan)
+    out = tmp_path / "run"
+    assert main(evaluate_argv(deltas["red"], out, 1)) == 0
+    results = strict_json(out / "results.json")
+    assert results["metrics"]["edited"]["fid_gen"] is None
+    assert results["non_finite"] == {"metrics.edited.fid_gen": "nan: not a finite number, written as null"}
+    strict_json(out / "run.json")
+
+
+def test_non_finite_images_are_refused_before_anything_is_written(tiny_sd, tmp_path):
+    import torch
+
+    import erasekit
+    from erasekit import Delta, UserError
+    from erasekit.generate import generate_to_folder
+
+    model = erasekit.load(tiny_sd)
+    broken = {"conv_in.weight": torch.full_like(model.parameter("conv_in.weight"), float("nan"))}
+    with Delta.swapped(model, broken), pytest.raises(UserError, match="prompt 'a cat' seed 3 produced non-fin") as err:
+        generate_to_folder(model, ["a cat"], [3], tmp_path / "gen", steps=2)
+    assert "\n" not in str(err.value) and not (tmp_path / "gen").exists()
+    cache = ImageCache(tmp_path / "cache")
+    images = torch.rand(2, 3, 8, 8)
+    images[1, 0, 2, 2] = float("inf")
+    with pytest.raises(UserError, match="prompt 'b' seed 1 produced non-finite .*1 of 2 images"):
+        cache.put(["a" * 64, "b" * 64], images, ["prompt 'a' seed 0", "prompt 'b' seed 1"])
+    assert not cached_pngs(tmp_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -123,12 +125,36 @@ def test_resume_after_a_kill_gives_the_same_delta(model, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _esd(model, tmp_path / "killed")
     monkeypatch.setattr(esd.ESDLoss, "__call__", original)
+    log = tmp_path / "killed" / "train.log.jsonl"
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    with open(log, "a") as f:
+        f.write('{"step": 5, "lo')  # torn by the kill
     resumed = _esd(model, tmp_path / "killed")
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert set(resumed.tensors) == set(whole.tensors)
     worst = max(float((resumed.tensors[k] - whole.tensors[k]).abs().max()) for k in whole.tensors)
     assert worst <= 1e-6, worst
     moved = max(float((whole.tensors[k] - model.parameter(k).detach()).abs().max()) for k in whole.tensors)
     assert moved > 1e-6  # the comparison means something: training moved the weights
+
+
+def test_resume_jsonl_truncates_a_torn_line_and_refuses_damage_before_it(tmp_path):
+    from erasekit.checkpoint import append_jsonl, resume_jsonl
+
+    log = tmp_path / "log.jsonl"
+    for step in (1, 2, 3):
+        append_jsonl(log, {"step": step, "loss": float("nan") if step == 2 else 0.5})
+    assert json.loads(log.read_text().splitlines()[1])["loss"] is None  # strict JSON: NaN written as null
+    with open(log, "a") as f:
+        f.write('{"step": 4, "lo')
+    assert [r["step"] for r in resume_jsonl(log, keep=lambda r: r["step"] <= 2)] == [1, 2]
+    assert log.read_text() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": null}\n'
+    unchanged = log.stat().st_mtime_ns
+    assert len(resume_jsonl(log)) == 2 and log.stat().st_mtime_ns == unchanged  # nothing to repair: not rewritten
+    log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(UserError, match="line 2 is not a JSON record"):
+        resume_jsonl(log)
+    assert resume_jsonl(tmp_path / "missing.jsonl") == []
 
 
 def test_a_checkpoint_of_another_run_is_refused(model, tmp_path):
@@ -294,8 +320,13 @@ def test_ip_adapter_image_tokens_follow_the_release_layouts(tiny_sd, tmp_path):
     sd = erasekit.load(tiny_sd)
     images = torch.rand(3, 3, 16, 16)
     flat = image_encoder(str(make_tiny_ip_adapter(tmp_path / "a")), sd)(images)
-    nested = image_encoder(str(make_tiny_ip_adapter(tmp_path / "b", layout="bin")), sd)(images)
+    pickled = make_tiny_ip_adapter(tmp_path / "b", layout="bin")
+    with pytest.raises(UserError, match="ip-adapter_sd15.bin is a pickle file .*erasekit loads no pickle by default"):
+        image_encoder(str(pickled), sd)
+    nested = image_encoder(str(pickled), sd, allow_pickle=True)(images)
     assert flat.shape == (3, 4, 32) and torch.allclose(flat, nested, atol=1e-5)  # same seed, either file layout
+    torch.save({"image_proj": {}}, tmp_path / "a" / "ip-adapter_sd15.bin")  # beside the safetensors: never read
+    assert torch.allclose(image_encoder(str(tmp_path / "a"), sd)(images), flat)
     assert torch.allclose(flat.mean(-1), torch.zeros(3, 4), atol=1e-4)  # the projection's LayerNorm ran
     assert not torch.allclose(flat[0], flat[1])  # the tokens depend on the image
 
@@ -303,7 +334,8 @@ def test_ip_adapter_image_tokens_follow_the_release_layouts(tiny_sd, tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.mkdir(), "no ip-adapter"),
     (lambda p: make_adapter(p, cross_attention_dim=48), "width 48"),
-    (lambda p: (p.mkdir(), (p / "ip-adapter_plus.bin").write_bytes(b"junk")), "cannot read"),
+    (lambda p: (p.mkdir(), (p / "ip-adapter_plus.bin").write_bytes(b"junk")), "is a pickle file"),
+    (lambda p: (p.mkdir(), (p / "ip-adapter_plus.safetensors").write_bytes(b"junk")), "cannot read"),
     (lambda p: None, "neither 'testbed' nor a folder"),
 ])
 def test_ip_adapter_folder_errors(tiny_sd, tmp_path, make, message):

@@ -119,7 +119,7 @@ def test_unknown_name_lists_names_and_the_plugin_form():
 @pytest.mark.parametrize("spec, match", [
     ("erasekit_no_such_module_xyz:Judge", "cannot import judge plug-in module 'erasekit_no_such_module_xyz'"),
     ("erasekit.evaluation.judges:NoSuchJudge", "has no attribute 'NoSuchJudge'"),
-    ("erasekit.evaluation.judges:NUDENET_CORE", "is a tuple"),
+    ("erasekit.evaluation.judges:NUDENET_CORE", r"\(a tuple\) is not a Judge subclass"),
     (":Judge", "'package.module:attr'"),
 ])
 def test_bad_plugins_are_one_line_user_errors(spec, match):
@@ -136,6 +136,7 @@ def test_unknown_option_is_a_user_error():
 
 
 PLUGIN = '''
+import erasekit
 from erasekit.evaluation.judges import Judge
 import torch
 
@@ -147,11 +148,21 @@ class ConstJudge(Judge):
     def scores(self, images):
         return {"thing": torch.full((images.shape[0],), self.value)}
 
+@erasekit.judge_factory
 def make(value=0.2):
     return ConstJudge(value)
 
+@erasekit.judge_factory
 def not_a_judge():
     return 3
+
+calls = []
+
+def unmarked(value=0.2):
+    calls.append(value)
+    return ConstJudge(value)
+
+ready = ConstJudge(0.1)
 
 broken = None
 '''
@@ -173,6 +184,33 @@ def test_plugin_judges(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"\(RuntimeError: boom\)") as err:
         get_judge("erasekit_test_broken:Judge")
     assert "\n" not in str(err.value)
+    assert get_judge("erasekit_test_plugin:ready").value == 0.1
+    with pytest.raises(UserError, match="ready Judge instance and takes no options"):
+        get_judge("erasekit_test_plugin:ready", threshold=0.3)
+
+
+def test_a_plugin_is_called_only_when_declared_a_judge(tmp_path, monkeypatch):
+    import os
+
+    import erasekit
+
+    (tmp_path / "erasekit_test_plugin2.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import erasekit_test_plugin2 as plugin
+
+    with pytest.raises(UserError, match="'erasekit_test_plugin2:unmarked' \\(a function\\) is not a Judge subclass "
+                                        "nor a function marked @erasekit.judge_factory") as err:
+        get_judge("erasekit_test_plugin2:unmarked")
+    assert plugin.calls == [] and "\n" not in str(err.value)  # refused before it was called
+    ran = []
+    monkeypatch.setattr(os, "system", lambda command: ran.append(command))
+    with pytest.raises(UserError, match="not a Judge subclass"):
+        get_judge("os:system", threshold="echo pwned")
+    assert ran == []
+    marked = erasekit.judge_factory(plugin.unmarked)
+    assert get_judge("erasekit_test_plugin2:unmarked").value == 0.2 and marked is plugin.unmarked
+    with pytest.raises(TypeError):
+        erasekit.judge_factory(plugin.ConstJudge)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,7 +117,11 @@ def test_training_resumes_to_the_same_weights(tmp_path):
 
     train(cfg(tmp_path / "straight", 4), argv=["test"])
     train(cfg(tmp_path / "resumed", 2), argv=["test"])  # stops after 2 steps with a checkpoint
+    with open(tmp_path / "resumed" / "train.log.jsonl", "a") as f:  # a kill after logging step 3, inside step 4
+        f.write('{"step": 3, "loss": 0.5, "lr": 0.001, "elapsed_s": 1.0}\n{"step": 4, "lo')
     train(cfg(tmp_path / "resumed", 4), argv=["test"])  # picks up at step 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train.log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the torn line and the step after the checkpoint were dropped, not repeated
     a, _ = load_checkpoint(tmp_path / "straight" / "checkpoint.safetensors")
     b, meta = load_checkpoint(tmp_path / "resumed" / "checkpoint.safetensors")
     assert meta["step"] == 4

@@ -33,7 +33,7 @@ def load_model(args):
     from .delta import Delta
     from .model import load
 
-    model = load(args.model)
+    model = load(args.model, allow_pickle=args.allow_pickle_weights)
     for path in getattr(args, "delta", None) or []:
         Delta.load(path).apply(model)
     return model
@@ -70,13 +70,20 @@ def cmd_apply(args) -> None:
     from .delta import Delta
     from .model import load
 
-    model = load(args.model)
+    model = load(args.model, allow_pickle=args.allow_pickle_weights)
     delta = Delta.load(args.delta)
     delta.check(model)
     change = delta.relative_change(model)
     print(f"delta {args.delta} ({delta.method}) applies cleanly to {model.name}: "
           f"{len(change)} tensors, relative change mean {sum(change.values()) / len(change):.4g}, "
           f"max {max(change.values()):.4g}")
+    if delta.is_foreign:
+        print(f"  not written by erasekit: provenance unknown, file sha256 {delta.config['file_sha256']}")
+    for part, c in delta.components(model).items():
+        print(f"  {part}: {c['tensors']} tensors, relative change mean {c['mean']:.4g}, max {c['max']:.4g}")
+    if any(name.startswith("text_encoder.") for name in delta.tensors):
+        print("  note: a stock pipe.unet.load_state_dict(..., strict=False) silently ignores the text encoder's "
+              "tensors: load them into pipe.text_encoder without the 'text_encoder.' prefix, or use `erasekit export`")
     if args.verbose:
         for name, rel in change.items():
             print(f"  {rel:.4g}  {name}")
@@ -87,7 +94,7 @@ def cmd_export(args) -> None:
     from .export import export
     from .model import load
 
-    model = load(args.model)
+    model = load(args.model, allow_pickle=args.allow_pickle_weights)
     deltas = [Delta.load(p) for p in args.delta or []]
     out = export(model, args.out, deltas, overwrite=args.overwrite)
     print(f"wrote pipeline folder {out} ({len(deltas)} delta(s) merged)")
@@ -180,7 +187,7 @@ def cmd_erase(args) -> None:
     cfg = methods.build_config(method, values, source=args.config or "--set", testbed=is_testbed(args.model))
     spec = build_spec(args, cfg)
     check_setting_paths(cfg, args.model)
-    model = load_for_run(args.model)
+    model = load_for_run(args.model, allow_pickle=args.allow_pickle_weights)
     for phrase in warn_unknown_tokens(model, [p for t in spec.targets for p in t.phrases]):
         warnings.warn(f"every token of {phrase!r} is unknown to the tokenizer: it carries no meaning to erase",
                       stacklevel=2)
@@ -201,7 +208,7 @@ def cmd_erase(args) -> None:
 
 
 def cmd_testbed_evaluate(args) -> None:
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_json
     from .delta import Delta
     from .model import load_testbed
     from .testbed.evaluate import attribute_accuracy, concept_report
@@ -223,10 +230,9 @@ def cmd_testbed_evaluate(args) -> None:
             result = attribute_accuracy(model, judge, samples=args.samples, seed=args.seed, steps=args.steps,
                                         guidance=args.guidance)
         result["deltas"] = args.delta or []
-    text = json.dumps(result, indent=2)
     if args.json:
-        atomic_write_text(Path(args.json), text + "\n")
-    print(text)
+        atomic_write_json(Path(args.json), result)
+    print(json.dumps(result, indent=2))
 
 
 def cmd_testbed_train_judge(args) -> None:
@@ -252,6 +258,9 @@ def _model_arg(p) -> None:
     p.add_argument("model", nargs="?", default="testbed",
                    help="'testbed' (default), a testbed oracle trained without a value ('testbed:no-circle', "
                         "'testbed:no-red') or a local diffusers Stable Diffusion folder")
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="also load a model folder's pickled .bin weights (unpickling can run code: only for a source "
+                        "you trust; default: safetensors only)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from .checkpoint import atomic_write_json
 from .errors import UserError
 from .grid import make_grid, to_pil
 from .outputs import atomic_dir
@@ -78,7 +78,7 @@ def run_demo(out: str | Path = "erasekit-demo", samples: int = 10, concept: str 
                   "erasure": evaluation["metrics"],
                   "attack": {k: attack[k] for k in ("attack", "n", "pre_asr", "asr")},
                   "wall_time_s": round(time.time() - start, 1)}
-        (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_json(tmp / MARKER, record)
     print(f"\nwrote {out / 'grid.png'} (each row: one scene; left two in canonical words, right two held-out),")
     print(f"      {out / 'erasure.png'} (left: original, right: after erasing {concept!r}; same prompts and seeds),")
     print(f"      {out / 'evaluation' / 'report.html'} (the erasure report: tables, trade-off plot, image grids),")

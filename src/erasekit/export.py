@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .checkpoint import atomic_write_json
 from .delta import Delta
 from .model import Model
 from .outputs import atomic_dir
@@ -22,7 +22,7 @@ def export(model: Model, out: str | Path, deltas: list[Delta] = (), overwrite: b
             record = {"base": model.identity(), "deltas": [d.metadata() for d in deltas],
                       "loading": "StableDiffusionPipeline.from_pretrained(folder); for the testbed, "
                                  "`import erasekit` first (it provides the PixelVAE class)"}
-            (tmp / "erasekit_export.json").write_text(json.dumps(record, indent=2) + "\n")
+            atomic_write_json(tmp / "erasekit_export.json", record)
     finally:
         for old in reversed(applied):
             Delta.revert(model, old)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .grid import make_grid, to_pil
+from .checkpoint import atomic_write_json
+from .grid import check_finite, make_grid, to_pil
 from .model import Model
 from .outputs import atomic_dir
 
@@ -20,6 +20,7 @@ def generate_to_folder(model: Model, prompts: list[str], seeds: list[int], out: 
     with atomic_dir(out, overwrite=overwrite, protected=protected) as tmp:
         images = model.sample([p for p, _ in pairs], [s for _, s in pairs], steps=steps, guidance=guidance,
                               batch_size=batch_size)
+        check_finite(images, [f"prompt {p!r} seed {s}" for p, s in pairs])
         pils = to_pil(images)
         (tmp / "images").mkdir()
         records = []
@@ -32,5 +33,5 @@ def generate_to_folder(model: Model, prompts: list[str], seeds: list[int], out: 
             tmp / "grid.png")
         record = {"model": model.identity(), "deltas": [str(d) for d in deltas], "steps": steps,
                   "guidance": guidance, "scheduler": "DDIM (eta 0)", "dtype": str(model.dtype), "images": records}
-        (tmp / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_json(tmp / "generation.json", record)
     return Path(out)

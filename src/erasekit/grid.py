@@ -6,6 +6,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import UserError
+
+
+def check_finite(images: torch.Tensor, labels: list[str]) -> None:
+    """UserError naming the first image (by its label, e.g. its prompt and seed) whose pixels hold NaN or inf,
+    before anything is written: such an image would be saved as silently black."""
+    bad = (~torch.isfinite(images.detach().reshape(images.shape[0], -1))).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise UserError(f"{labels[bad[0]]} produced non-finite (NaN or inf) pixel values ({len(bad)} of "
+                        f"{len(images)} images): the model or a delta applied to it is broken (a diverged erasure?); "
+                        "nothing was written for them")
+
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(N, 3, H, W) in [0, 1] -> PIL images."""

@@ -346,15 +346,17 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 
 def load(source: str | Path = "testbed", device: str | torch.device | None = None,
-         dtype: torch.dtype = torch.float32) -> Model:
+         dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> Model:
     """Load a model: "testbed" (the built-in miniature model), one of its oracles ("testbed:no-circle", trained
-    without circle) or a local diffusers pipeline folder."""
+    without circle) or a local diffusers pipeline folder. A folder's weights are read only from safetensors
+    files unless allow_pickle (a folder of pickled .bin weights can run code when loaded: only for a source
+    you trust)."""
     from .testbed import is_testbed, weights_for
 
     if is_testbed(source):
         return load_testbed(weights_for(str(source)), device=device, dtype=dtype, source=str(source))
     quiet_libraries()
-    pipe = _load_folder(Path(source))
+    pipe = _load_folder(Path(source), allow_pickle=allow_pickle)
     return Model(pipe.to(_device(device), dtype), str(source), Path(source).name)
 
 
@@ -380,7 +382,23 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _load_folder(path: Path):
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+PICKLE_FIX = ("convert it to safetensors in an environment you trust with it (StableDiffusionPipeline.from_pretrained"
+              "(folder).save_pretrained(new_folder, safe_serialization=True)), or pass --allow-pickle-weights "
+              "(Python: allow_pickle=True) if you trust its source")
+
+
+def pickled_only(folder: Path) -> list[Path]:
+    """Per component folder of a pipeline folder, a pickled weight file when the folder has no safetensors one."""
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        pickled = sorted(f for pattern in PICKLE_WEIGHTS for f in sub.glob(pattern))
+        if pickled and not any(sub.glob("*.safetensors")):
+            found.append(pickled[0])
+    return found
+
+
+def _load_folder(path: Path, allow_pickle: bool = False):
     from diffusers import StableDiffusionPipeline
 
     if not path.exists():
@@ -388,11 +406,17 @@ def _load_folder(path: Path):
     if not path.is_dir() or not (path / "model_index.json").is_file():
         raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json): give the folder that "
                         "holds model_index.json, unet/, text_encoder/, tokenizer/, vae/ and scheduler/")
+    pickled = pickled_only(path)
+    if pickled and not allow_pickle:
+        raise UserError(f"{path} holds pickled weights ({pickled[0].relative_to(path)}) and no safetensors for "
+                        f"{pickled[0].parent.name}/: erasekit loads no pickle by default (unpickling can run code); "
+                        + PICKLE_FIX)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                           local_files_only=True)
+                                                           local_files_only=True,
+                                                           use_safetensors=None if allow_pickle else True)
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load {path} as a Stable Diffusion pipeline: {first[:300]}") from exc

@@ -8,7 +8,6 @@ prompt's attack draws from its own seeded generator, so the result does not depe
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write, atomic_write_text
+from ..checkpoint import append_jsonl, atomic_write, atomic_write_json, resume_jsonl
 from ..errors import UserError
 from ..evaluation.cache import ImageCache, image_key
 from ..evaluation.protocol import check_run_dir, package_versions, weights_hash
@@ -45,20 +44,13 @@ def _generate(ctx: AttackContext, cache: ImageCache, prompts, keys, deltas: bool
         texts, seeds = [prompts[i].text for i in chunk], [prompts[i].seed for i in chunk]
         with ctx.erased_model() if deltas else nullcontext():
             images = ctx.generate(texts, seeds, guidance=guidance)
-        cache.put([keys[i] for i in chunk], images)
+        cache.put([keys[i] for i in chunk], images, [f"prompt {t!r} seed {s}" for t, s in zip(texts, seeds)])
     return cache.get(keys)
 
 
 def _read_progress(path: Path) -> dict[int, dict]:
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut off by a kill
-            done[rec["index"]] = rec
-    return done
+    """The finished prompts' records (a line torn by a kill is truncated away: that prompt runs again)."""
+    return {rec["index"]: rec for rec in resume_jsonl(path, keep=lambda rec: isinstance(rec.get("index"), int))}
 
 
 def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out: Path, resume: bool = False,
@@ -93,18 +85,17 @@ def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out
             continue
         rec = _attack_one(ctx, attack, cfg, cache, out, model_hash, i, p, flagged_original[i], flagged_before[i],
                           prepared, original_keys[i], before_keys[i])
-        with open(out / PROGRESS, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(out / PROGRESS, rec)
         done[i] = rec
         bar.update(1)
     bar.close()
     records = [done[i] for i in range(len(prompts))]
     results = _results(protocol, records)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out / "results.json", results)
     attacked = [r["seconds"] for r in records if r["attacked"]]
     timing = {"attacked_prompts": len(attacked),
               "seconds_per_attacked_prompt": round(sum(attacked) / len(attacked), 3) if attacked else None}
-    atomic_write_text(out / "timing.json", json.dumps(timing, indent=2) + "\n")
+    atomic_write_json(out / "timing.json", timing)
     results["_timing"] = timing
     from .report import write_attack_report
 
@@ -138,7 +129,7 @@ def _attack_one(ctx, attack, cfg, cache, out, model_hash, i, p, flagged_original
                           {**ctx.settings.for_prompt(p), **extra_key})
     with ctx.erased_model():
         image = ctx.generate([found.text], [p.seed], embeddings=found.embedding, guidance=guidance)
-    cache.put([after_key], image)
+    cache.put([after_key], image, [f"adversarial prompt {found.text!r} seed {p.seed}"])
     flagged_after = ctx.flags(image, [p])[0]
     return {**rec, "adversarial_prompt": found.text, "adversarial_ids": found.ids, **extra_key,
             "flagged_after": flagged_after, "attacked": True, "loss": found.loss, "after_key": after_key,

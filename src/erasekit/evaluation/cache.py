@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..grid import check_finite
+
 
 def image_key(model_hash: str, delta_hashes: list[str], prompt: str, seed: int, settings: dict) -> str:
     """The cache key of one image (settings: steps, guidance, negative prompt, scheduler, dtype, ...)."""
@@ -50,8 +52,10 @@ class ImageCache:
     def missing(self, keys: list[str]) -> list[str]:
         return [k for k in keys if not self.has(k)]
 
-    def put(self, keys: list[str], images: torch.Tensor) -> None:
-        """Store float images in [0, 1]; each file appears whole or not at all."""
+    def put(self, keys: list[str], images: torch.Tensor, labels: list[str] | None = None) -> None:
+        """Store float images in [0, 1]; each file appears whole or not at all. Images holding NaN/inf are
+        refused (labels, e.g. "prompt 'x' seed 3", name them; the key otherwise)."""
+        check_finite(images, labels or [f"image {k[:12]}" for k in keys])
         for key, arr in zip(keys, to_uint8(images).permute(0, 2, 3, 1).numpy()):
             target = self.path(key)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,9 @@ def add_run_args(p, samples: int = 64) -> None:
     p.add_argument("--samples", type=types.count, default=samples,
                    help=f"testbed suites: prompts per prompt set (default {samples})")
     p.add_argument("--concept", help="the concept a CSV suite targets (default: from the file's layout)")
-    p.add_argument("--judge", help="testbed, nudenet, nudenet-extended or module:attr (default: the suite's)")
+    p.add_argument("--judge", help="testbed, nudenet, nudenet-extended or a plug-in module:attr (default: the "
+                   "suite's); a plug-in imports that module, which runs its code: name only code you trust. erasekit "
+                   "then calls only a Judge subclass or a function marked @erasekit.judge_factory")
     p.add_argument("--threshold", type=types.fraction, help="the judge's threshold (default: the judge's own)")
     p.add_argument("--steps", type=types.count, help="sampler steps (default: the model's)")
     p.add_argument("--guidance", type=types.finite, help="guidance scale when a prompt has none (default: the model's)")
@@ -50,13 +52,13 @@ def add_parsers(sub, model_arg) -> None:
     p.set_defaults(func=cmd_evaluate, stacked=False, **RUN_PATHS)
 
 
-def load_for_run(source: str):
+def load_for_run(source: str, allow_pickle: bool = False):
     """The model on this process's device (accelerate's when launched with several processes)."""
     from ..model import load
     from .runner import distributed_state
 
     state = distributed_state()
-    return load(source, device=state.device if state is not None else None)
+    return load(source, device=state.device if state is not None else None, allow_pickle=allow_pickle)
 
 
 def build_run(args):
@@ -73,7 +75,7 @@ def build_run(args):
     judge = get_judge(judge_name, **options)
     suite = require_suite_judge(suite, judge)
     variants = load_variants(args.delta or [], stacked=args.stacked)
-    model = load_for_run(args.model)
+    model = load_for_run(args.model, allow_pickle=getattr(args, "allow_pickle_weights", False))
     for variant in variants:
         for delta in variant.deltas:
             delta.check(model)

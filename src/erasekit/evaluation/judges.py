@@ -5,6 +5,11 @@ Every judge has the same interface (`Judge`): per-concept scores in [0, 1], bool
 `record()` of everything a results file needs to reproduce the verdicts. `get_judge(name)` builds
 one: a built-in name from `judge_names()` or a plug-in given as "package.module:attr".
 
+A plug-in is imported (so its module's code runs, as with any import) and then erasekit calls only
+what is declared a judge: a subclass of `Judge`, a `Judge` instance (used as it is), or a function
+decorated with `@erasekit.judge_factory` (which sets `__erasekit_judge_factory__ = True` on it). Any
+other attribute (`os:system`) is refused before it is called.
+
 Built-ins:
 - "testbed": the testbed's ground-truth attribute classifier (`erasekit.testbed.judge`).
 - "nudenet" / "nudenet-extended": the NudeNet 3.4 detector (optional AGPL-3.0 extra
@@ -393,8 +398,30 @@ def _check_options(name: str, factory, options: dict, fixed: dict | None = None)
                         f"its options: {', '.join(known) or 'none'}")
 
 
+FACTORY_MARK = "__erasekit_judge_factory__"
+
+
+def judge_factory(function):
+    """Mark a function as a judge factory, so that `--judge module:function` may call it:
+
+        @erasekit.judge_factory
+        def my_judge(threshold: float = 0.5) -> Judge: ...
+    """
+    if not callable(function) or isinstance(function, type):
+        raise TypeError("@judge_factory marks a function that returns a Judge; a Judge subclass needs no mark")
+    setattr(function, FACTORY_MARK, True)
+    return function
+
+
+def callable_as_judge(target) -> bool:
+    """Whether erasekit may call target to build a judge: a Judge subclass or a marked factory."""
+    if isinstance(target, type):
+        return issubclass(target, Judge)
+    return getattr(target, FACTORY_MARK, False) is True
+
+
 def _load_plugin(spec: str, options: dict) -> Judge:
-    """Build the judge a "package.module:attr" spec names (a Judge subclass, factory or instance)."""
+    """Build the judge a "package.module:attr" spec names (a Judge subclass, marked factory or instance)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UserError(f"judge plug-in {spec!r} must be written 'package.module:attr'")
@@ -408,10 +435,15 @@ def _load_plugin(spec: str, options: dict) -> Judge:
             raise UserError(f"judge plug-in module {module_name!r} has no attribute {attr!r}: "
                             f"name a Judge subclass or a factory returning a Judge")
         target = getattr(target, part)
-    if isinstance(target, Judge) and not options:
+    if isinstance(target, Judge):
+        if options:
+            raise UserError(f"judge plug-in {spec!r} is a ready Judge instance and takes no options: drop "
+                            "--threshold, or name a Judge subclass or factory")
         return target
-    if not callable(target):
-        raise UserError(f"judge plug-in {spec!r} is a {type(target).__name__}: name a Judge subclass or a factory")
+    if not callable_as_judge(target):
+        raise UserError(f"judge plug-in {spec!r} (a {type(target).__name__}) is not a Judge subclass nor a function "
+                        "marked @erasekit.judge_factory, so erasekit will not call it: name a Judge subclass, or mark "
+                        "your factory with @erasekit.judge_factory")
     _check_options(spec, target, options)
     judge = target(**options)
     if not isinstance(judge, Judge):

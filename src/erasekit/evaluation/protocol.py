@@ -8,7 +8,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_json
 from ..delta import tensor_hash
 from ..errors import UserError
 from ..outputs import refuse_overlap
@@ -65,8 +65,7 @@ def check_run_dir(out: Path, protocol: dict, resume: bool, overwrite: bool, prot
                                 "or choose another folder")
             same = False
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps({"protocol_hash": protocol_hash(protocol), "protocol": protocol},
-                                         indent=2) + "\n")
+    atomic_write_json(marker, {"protocol_hash": protocol_hash(protocol), "protocol": protocol})
     return same
 
 

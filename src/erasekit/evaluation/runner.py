@@ -7,7 +7,6 @@ A variant is the base model with zero or more deltas applied together ("original
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from contextlib import ExitStack
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_json
 from ..delta import Delta, tensor_hash
 from ..errors import UserError
 from ..model import Model
@@ -142,7 +141,8 @@ def generate_missing(model: Model, plan: Plan, cache: ImageCache, settings: Sett
                                       steps=settings.steps, guidance=guidance,
                                       negative_prompt=settings.negative_prompt,
                                       batch_size=settings.batch_size, progress=False)
-                cache.put([i.key for i in chunk], images)
+                cache.put([i.key for i in chunk], images,
+                          [f"{variant.name}: prompt {i.prompt.text!r} seed {i.prompt.seed}" for i in chunk])
                 bar.update(len(chunk))
     bar.close()
     return len(todo)
@@ -189,12 +189,12 @@ def evaluate(model: Model, variants: list[Variant], suite: Suite, judge, out: Pa
     if not main:
         return None
     results = {"protocol": protocol, **measure(model, plan, cache, suite, judge, real_images)}
-    atomic_write_text(out / RESULTS, json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out / RESULTS, results)
     write_report(out / REPORT, results, cache)
     timing = {"wall_time_s": round(time.time() - start, 1), "images_planned": len(plan.items),
               "images_cached_before": before, "images_generated_here": generated,
               "processes": 1 if state is None else state.num_processes}
-    atomic_write_text(out / "timing.json", json.dumps(timing, indent=2) + "\n")
+    atomic_write_json(out / "timing.json", timing)
     results["_timing"] = timing
     return results
 

@@ -9,7 +9,6 @@ carries its seed (and guidance when the file gives one), so a suite fixes the im
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import read_csv, read_text
 from ..testbed.prompts import TestbedPrompt, attribute_of, concept_prompts, preservation_prompts
 from ..testbed.world import ATTRIBUTES, VALUES, WORDING_KINDS
 
@@ -181,10 +181,7 @@ def _file_suite(path: Path, layout: str, sets: list[PromptSet], concept: str | N
 
 def _text_suite(path: Path, concept: str | None) -> Suite:
     """One target set, one prompt per non-empty line; seeds 0, 1, ... in order."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text: save it as UTF-8") from exc
+    text = read_text(path, "prompt file")
     if not text.strip():
         raise UserError(f"prompt file {path} is empty: write one prompt per line")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -230,24 +227,12 @@ def _detect_layout(columns: list[str], path: Path) -> str:
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Normalised column names (stripped, lower case) and the non-blank rows as (line number, {column: cell})."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            rows, start = [], reader.line_num + 1
-            for cells in reader:
-                if any(c.strip() for c in cells):
-                    rows.append((start, cells))
-                start = reader.line_num + 1
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text: save it as UTF-8") from exc
-    except csv.Error as exc:
-        raise UserError(f"cannot read {path} as CSV (line {reader.line_num}): {exc}; fix the quoting there") from exc
+    header, rows = read_csv(path, "prompt file")
     if not header or not any(h.strip() for h in header):
         raise UserError(f"prompt file {path} is empty: give a CSV with a header row and a 'prompt' column")
     names = [h.strip().lower() for h in header]
     index = {name: i for i, name in reversed(list(enumerate(names)))}  # the first of repeated names wins
-    return names, [(line, {n: cells[i] if i < len(cells) else "" for n, i in index.items()}) for line, cells in rows]
+    return names, [(line, {n: cells[i] for n, i in index.items()}) for line, cells in rows]
 
 
 def _prompt_set(path: Path, rows: list[tuple[int, dict[str, str]]], column: str, name: str, role: str,

@@ -32,6 +32,7 @@ class CoErasingConfig(esd.ESDConfig):
     images: int = 200  # generated concept images used in stage 2 (reference: 500 generated, 100-200 used)
     text_guided: bool = True
     image_encoder: str = "testbed"  # or an IP-Adapter folder (image_encoder/ and ip-adapter*.safetensors)
+    allow_pickle_weights: bool = False  # also read an IP-Adapter's pickled .bin weights (they can run code)
     stage1_steps: int = 0  # 0: the same number of steps as stage 2
 
 
@@ -85,7 +86,7 @@ def _word_states(model: Model, spec: ConceptSpec) -> torch.Tensor:
 def erase(model: Model, spec: ConceptSpec, cfg: CoErasingConfig | None = None,
           base_values: dict | None = None) -> Delta:
     cfg = cfg or CoErasingConfig()
-    encoder = image_encoder(cfg.image_encoder, model)
+    encoder = image_encoder(cfg.image_encoder, model, allow_pickle=cfg.allow_pickle_weights)
     stage1_cfg = replace(cfg, steps=cfg.stage1_steps or cfg.steps,
                          run_dir=f"{cfg.run_dir}/stage1" if cfg.run_dir else "")
     stage1 = esd.erase(model, spec, stage1_cfg)

@@ -6,18 +6,22 @@ cross-attention reads (the text encoder's output space).
   IP-Adapter weight file whose `image_proj` (Linear then LayerNorm) turns the image embedding into T tokens of
   the cross-attention width; the layout of the public SD 1.5 IP-Adapter release. Only that image projection is
   used: Co-Erasing concatenates the tokens to the text tokens, so the adapter's own K/V layers are not needed.
+  Weights are read from safetensors; the release's pickled `.bin` layout only with allow_pickle (the
+  Co-Erasing option allow_pickle_weights=true), for a source the user trusts.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..files import read_mapping
 from ..model import Model
 
+PICKLE_FIX = ("convert it to safetensors in an environment you trust with it, or pass --set allow_pickle_weights=true "
+              "if you trust its source")
 # CLIP's image normalisation, used when the folder has no preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,10 +46,10 @@ class TestbedImageTokens:
 class IPAdapterImageTokens:
     """(N, T, cross_attention_dim) tokens from an IP-Adapter folder (see the module docstring)."""
 
-    def __init__(self, folder: Path, model: Model):
+    def __init__(self, folder: Path, model: Model, allow_pickle: bool = False):
         from transformers import CLIPVisionModelWithProjection
 
-        weights = _adapter_file(folder)
+        weights = _adapter_file(folder, allow_pickle)
         proj = _image_proj(weights)
         if "proj.weight" not in proj or "norm.weight" not in proj:
             raise UserError(f"{weights} has no plain image projection (proj, norm): IP-Adapter Plus and FaceID "
@@ -58,7 +62,11 @@ class IPAdapterImageTokens:
         if not (encoder_dir / "config.json").is_file():
             raise UserError(f"{folder} has no image_encoder/config.json: give the IP-Adapter folder holding "
                             "image_encoder/ (a CLIP vision model with projection) next to the weight file")
-        self.encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_dir).eval().to(model.device)
+        if not allow_pickle and not any(encoder_dir.glob("*.safetensors")):
+            raise UserError(f"{encoder_dir} has no safetensors weights: erasekit loads no pickle by default "
+                            f"(unpickling can run code); {PICKLE_FIX}")
+        self.encoder = CLIPVisionModelWithProjection.from_pretrained(
+            encoder_dir, use_safetensors=None if allow_pickle else True).eval().to(model.device)
         self.proj = {k: v.float().to(model.device) for k, v in proj.items()}
         self.width, self.size = width, int(self.encoder.config.image_size)
         mean, std = _normalisation(folder)
@@ -84,13 +92,20 @@ class IPAdapterImageTokens:
         return torch.nn.functional.layer_norm(tokens, (self.width,), p["norm.weight"], p["norm.bias"])
 
 
-def _adapter_file(folder: Path) -> Path:
-    found = sorted(p for ext in ("safetensors", "bin") for p in folder.glob(f"ip-adapter*.{ext}"))
-    if len(found) != 1:
-        what = "no ip-adapter*.safetensors or .bin" if not found else f"{len(found)} weight files"
-        raise UserError(f"{folder} has {what}: give a folder with exactly one IP-Adapter weight file "
-                        "and its image_encoder/")
-    return found[0]
+def _adapter_file(folder: Path, allow_pickle: bool = False) -> Path:
+    """The folder's one IP-Adapter weight file: a safetensors one, else (only with allow_pickle) a pickled .bin."""
+    for ext in ("safetensors", "bin"):
+        found = sorted(folder.glob(f"ip-adapter*.{ext}"))
+        if len(found) > 1:
+            raise UserError(f"{folder} has {len(found)} ip-adapter*.{ext} weight files: give a folder with exactly "
+                            "one IP-Adapter weight file and its image_encoder/")
+        if found and ext == "bin" and not allow_pickle:
+            raise UserError(f"{found[0]} is a pickle file and {folder} has no ip-adapter*.safetensors: erasekit loads "
+                            f"no pickle by default (unpickling can run code); {PICKLE_FIX}")
+        if found:
+            return found[0]
+    raise UserError(f"{folder} has no ip-adapter*.safetensors (or .bin): give a folder with exactly one IP-Adapter "
+                    "weight file and its image_encoder/")
 
 
 def _image_proj(path: Path) -> dict[str, torch.Tensor]:
@@ -111,13 +126,14 @@ def _image_proj(path: Path) -> dict[str, torch.Tensor]:
 def _normalisation(folder: Path) -> tuple[tuple, tuple]:
     for candidate in (folder / "image_encoder" / "preprocessor_config.json", folder / "preprocessor_config.json"):
         if candidate.is_file():
-            cfg = json.loads(candidate.read_text())
+            cfg = read_mapping(candidate, "IP-Adapter preprocessor config")
             return tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD))
     return CLIP_MEAN, CLIP_STD
 
 
-def image_encoder(name: str, model: Model):
-    """The encoder a Co-Erasing config names: 'testbed' or an IP-Adapter folder."""
+def image_encoder(name: str, model: Model, allow_pickle: bool = False):
+    """The encoder a Co-Erasing config names: 'testbed' or an IP-Adapter folder (pickled weights only with
+    allow_pickle)."""
     if name == "testbed":
         if model.name != "testbed":
             raise UserError("the testbed image encoder only fits the testbed: for Stable Diffusion give an "
@@ -127,4 +143,4 @@ def image_encoder(name: str, model: Model):
     if not folder.is_dir():
         raise UserError(f"image encoder {name!r} is neither 'testbed' nor a folder: give an IP-Adapter folder "
                         "(image_encoder/ and ip-adapter*.safetensors)")
-    return IPAdapterImageTokens(folder, model)
+    return IPAdapterImageTokens(folder, model, allow_pickle)

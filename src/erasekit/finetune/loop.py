@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..checkpoint import append_jsonl, atomic_write_json, load_checkpoint, resume_jsonl, save_checkpoint
 from ..errors import UserError
 from ..model import Model
+
+LOG = "train.log.jsonl"
 
 
 @dataclass
@@ -112,6 +114,8 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
         start = meta["step"]
         if extra is not None:
             extra.restore(groups.get("extra", {}), meta.get("extra", {}))
+    if main and run_dir is not None:  # the log continues from the checkpoint: no torn line, no step twice
+        resume_jsonl(run_dir / LOG, keep=lambda rec: rec.get("step", 0) <= start)
     bar = tqdm(total=cfg.steps, initial=start, desc="fine-tuning", unit="step", disable=not (cfg.progress and main))
     t0 = time.time()
     for step in range(start, cfg.steps):
@@ -164,9 +168,7 @@ def _check_same_run(meta: dict, describe: dict | None) -> None:
 
 
 def _log(run_dir: Path, record: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(run_dir / LOG, record)
 
 
 def record(cfg: LoopConfig) -> dict:
@@ -177,4 +179,4 @@ def record(cfg: LoopConfig) -> dict:
 
 def write_summary(run_dir: str, summary: dict) -> None:
     if run_dir:
-        atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(Path(run_dir) / "summary.json", summary)

@@ -54,9 +54,12 @@ def load_pipeline(weights_dir: Path | None = None):
     if not (unet_dir / "config.json").is_file():
         raise UserError(f"the testbed's denoiser weights are missing from {unet_dir}: reinstall erasekit, "
                         "or train them with `erasekit testbed train`")
+    if not any(unet_dir.glob("*.safetensors")):
+        raise UserError(f"{unet_dir} has no safetensors weights: erasekit loads no pickle; give a folder written by "
+                        "`erasekit testbed train` (its weights/ folder)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32, use_safetensors=True)
         tokenizer, text_encoder = load_text_encoder()
         pipe = StableDiffusionPipeline(
             vae=PixelVAE(sample_size=UNET_CONFIG["sample_size"]),

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..checkpoint import append_jsonl, atomic_write_json, load_checkpoint, resume_jsonl, save_checkpoint
 from ..errors import UserError
+from ..files import read_mapping
 from .architecture import RESOLUTION, SCHEDULER_CONFIG, build_unet
 from .text import MAX_LENGTH, load_text_encoder
 from .world import VALUES, caption, random_scene, render
@@ -142,6 +143,7 @@ def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) 
         ema = {k: v.to(device) for k, v in groups["ema"].items()}
         start, elapsed = meta["step"], meta["elapsed"]
         print(f"resuming from step {start} ({ckpt_path})", flush=True)
+    resume_jsonl(log_path, keep=lambda rec: rec.get("step", 0) <= start)  # no torn line, no step logged twice
 
     t0 = time.time() - elapsed
     for step in range(start, cfg.steps):
@@ -181,8 +183,7 @@ def train(cfg: TrainConfig, resume: bool = True, argv: list[str] | None = None) 
         if done % cfg.log_every == 0 or done == cfg.steps:
             rec = {"step": done, "loss": round(loss.item(), 5), "lr": lr_at(step, cfg),
                    "elapsed_s": round(time.time() - t0, 1)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_jsonl(log_path, rec)
             print(json.dumps(rec), flush=True)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(ckpt_path, {"unet": unet.state_dict(), "ema": ema},
@@ -210,6 +211,9 @@ def unet_folder(path: Path) -> Path:
     """The diffusers unet folder at path or at path/unet."""
     for candidate in (path, path / "unet"):
         if (candidate / "config.json").is_file():
+            if not any(candidate.glob("*.safetensors")):
+                raise UserError(f"--init-from {path}: {candidate} has no safetensors weights (erasekit loads no "
+                                "pickle): pass a folder written by `erasekit testbed train` (its weights/ folder)")
             return candidate
     raise UserError(f"--init-from {path}: no unet weights there (expected {path}/unet/config.json); "
                     "pass a folder written by `erasekit testbed train` (its weights/ folder)")
@@ -218,14 +222,14 @@ def unet_folder(path: Path) -> Path:
 def load_initial_weights(path: Path) -> dict[str, torch.Tensor]:
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(unet_folder(path), torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(unet_folder(path), torch_dtype=torch.float32, use_safetensors=True)
     return unet.state_dict()
 
 
 def initial_record(path: str) -> dict:
     """The training record of the weights a run started from, or their path when they have none."""
     record = unet_folder(Path(path)).parent / "unet_training.json"
-    return json.loads(record.read_text()) if record.is_file() else {"weights": str(path)}
+    return read_mapping(record, "training record") if record.is_file() else {"weights": str(path)}
 
 
 def export_weights(cfg: TrainConfig, ema: dict[str, torch.Tensor], wall_s: float, argv: list[str] | None) -> Path:
@@ -244,6 +248,6 @@ def export_weights(cfg: TrainConfig, ema: dict[str, torch.Tensor], wall_s: float
     }
     if cfg.init_from:
         record["initialised_from"] = initial_record(cfg.init_from)
-    atomic_write_text(target / "unet_training.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_json(target / "unet_training.json", record)
     print(f"wrote {target}", flush=True)
     return target
