@@ -235,3 +235,27 @@ def test_a_diverged_erasure_writes_nothing_and_says_what_to_lower(capsys, tiny_s
     line = one_line_error(err)
     assert code == 2 and "esd diverged" in line and "hold NaN or inf" in line and "lower lr (it was 1e+20)" in line
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_every_flag_an_error_or_help_names_exists():
+    """A message that tells the user to pass --something names a flag the parser has."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from erasekit.cli import build_parser
+
+    def flags(parser) -> set[str]:
+        found = {o for a in parser._actions for o in a.option_strings}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found |= flags(sub)
+        return found
+
+    known = flags(build_parser())
+    src = Path(__file__).resolve().parents[1] / "src" / "erasekit"
+    code = ["\n".join(line for line in f.read_text().splitlines() if not line.strip().startswith("#"))
+            for f in src.rglob("*.py")]  # comments may name other tools' flags
+    named = {m for text in code for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text)}
+    assert named - known == set(), f"messages name flags no command has: {sorted(named - known)}"

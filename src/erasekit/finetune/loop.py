@@ -164,7 +164,7 @@ def _check_same_run(meta: dict, describe: dict | None) -> None:
     before = meta.get("describe") or {}
     if describe is not None and before and before != json.loads(json.dumps(describe)):
         raise UserError("the checkpoint in the run folder belongs to another run (method, concepts or settings "
-                        "differ): choose another --run-dir or pass --set resume=false to start over")
+                        "differ): choose another --set run_dir=DIR or pass --set resume=false to start over")
 
 
 def _log(run_dir: Path, record: dict) -> None:

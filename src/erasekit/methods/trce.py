@@ -114,7 +114,7 @@ def erase_stage1(model: Model, spec: ConceptSpec, prior_prompts: list[str],
                  cfg: TRCEStage1Config | None = None) -> Delta:
     cfg = cfg or TRCEStage1Config()
     if not prior_prompts:
-        raise UserError("TRCE needs a preservation caption list for its prior: give --prior-prompts FILE "
+        raise UserError("TRCE needs a preservation caption list for its prior: give --set prior_prompts=FILE "
                         "(one caption per line or a CSV with a prompt column); the testbed uses its own captions")
     start = time.time()
     malicious, safe = stage1_pairs(spec, cfg.templates)
