@@ -15,6 +15,9 @@ def add_parser(sub, model_arg) -> None:
     p.add_argument("--attack", required=True, help="unlearndiff, p4d, p4d-n, p4d-k, ringabell, ringabell-continuous")
     p.add_argument("--set", dest="prompt_set", help="the prompt set to attack (default: the suite's first target set)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="an attack setting (repeatable)")
+    p.add_argument("--attack-batch", type=int, default=None, metavar="N",
+                   help="prompts attacked together, one batched step across them (default 16); the results "
+                        "do not depend on it")
     add_run_args(p, samples=32)
     p.set_defaults(func=cmd_attack, stacked=True, real_images=None)
 
@@ -23,14 +26,15 @@ def cmd_attack(args) -> None:
     from ..evaluation.commands import build_run
     from ..files import key_values
     from . import build_config, get
-    from .runner import make_context, run_attack
+    from .runner import BATCH, make_context, run_attack
 
     attack = get(args.attack)
     model, variants, suite, judge, settings = build_run(args)
     cfg = build_config(attack, key_values(args.option, "--option"), testbed=model.name == "testbed", source="--option")
     ctx = make_context(model, variants[-1], judge, suite.concepts, settings)
     out = Path(args.out)
-    results = run_attack(ctx, attack, cfg, suite, args.prompt_set, out, resume=args.resume, overwrite=args.overwrite)
+    results = run_attack(ctx, attack, cfg, suite, args.prompt_set, out, resume=args.resume, overwrite=args.overwrite,
+                         batch=BATCH if args.attack_batch is None else args.attack_batch)
     cost = results["_timing"]["seconds_per_attacked_prompt"]
     print(f"{attack.name} on {suite.name} ({results['n']} prompts): pre-ASR {results['pre_asr']:.3f}, "
           f"ASR {results['asr']:.3f}; {results['attacked']} prompts attacked"
