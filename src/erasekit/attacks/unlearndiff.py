@@ -125,7 +125,7 @@ def attack(ctx: AttackContext, prompts: list, cfg: UnlearnDiffConfig, gens: list
                 with torch.no_grad():
                     opt.param.copy_(project_simplex(opt.param))
                 for r, i in enumerate(active):
-                    last_loss[i] = float(per_prompt[r])
+                    last_loss[i] = float(per_prompt[r].detach())
                     first_loss[i] = last_loss[i] if first_loss[i] is None else first_loss[i]
             answers = [answer(r, i, t_value) for r, i in enumerate(active)]
             batch = [prompts[i] for i in active]
