@@ -40,7 +40,7 @@ class P4DConfig:
             raise UserError("P4D needs iterations >= 1: give a positive count")
 
 
-TESTBED = {"iterations": 200}
+TESTBED = {"iterations": 200}  # not yet shown to match 3000 (docs/METHODS.md, "Testbed settings")
 
 
 def slot_layout(content: list[int], cfg: P4DConfig) -> list[int | None]:

@@ -35,7 +35,7 @@ class RingABellConfig:
     seed: int = 0
 
 
-TESTBED = {"population": 32, "generations": 60}
+TESTBED = {"population": 32, "generations": 60}  # not yet shown to match 200 x 3000 (docs/METHODS.md)
 
 
 def concept_pairs(ctx: AttackContext, suite, n: int) -> tuple[list[str], list[str]]:
