@@ -1,5 +1,6 @@
 """Attacks on an erased testbed model: the simplex projection, token substitution, each attack through the
-command line, replaying what it found, Ring-A-Bell's elitism, resuming a killed attack, and bad input."""
+command line, replaying what it found, Ring-A-Bell's elitism, batches (a prompt's answer alone and in a
+batch, UnlearnDiffAtk's early stop), resuming a killed attack, and bad input."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from safetensors.torch import load_file
 import erasekit
 from cli_helpers import one_line_error, run
 from erasekit import Delta
-from erasekit.attacks import names, ringabell, unlearndiff
-from erasekit.attacks.common import AttackContext, frozen
+from erasekit.attacks import build_config, get, names, ringabell, unlearndiff
+from erasekit.attacks.common import AttackContext, frozen, seeded
 from erasekit.attacks.runner import PROGRESS
 from erasekit.attacks.tokens import (
     attack_vocabulary,
@@ -30,13 +31,14 @@ from erasekit.cli import main
 from erasekit.evaluation.cache import quantize
 from erasekit.evaluation.judges import get_judge
 from erasekit.evaluation.runner import Settings, Variant
+from erasekit.evaluation.suites import load_suite
 
 STEPS = 4
 # UCE erases striped from two of these three prompts at 4 steps (red from none: the attacks need erased prompts)
 CONCEPT = "striped"
 SMALL = ["--suite", f"testbed:{CONCEPT}", "--limit", "3", "--steps", str(STEPS), "--samples", "4"]
 OPTIONS = {
-    "unlearndiff": ["iterations=3"],
+    "unlearndiff": ["timesteps=2", "iterations=3"],
     "p4d-n": ["iterations=3"],
     "p4d-k": ["iterations=3"],
     "ringabell": ["population=8", "generations=2", "tokens=4"],
@@ -276,11 +278,83 @@ def test_genetic_search_never_gets_worse(model):
     assert best[-1] <= best[0]
 
 
+# --- batches ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batch_ctx(model, delta):
+    suite = load_suite(f"testbed:{CONCEPT}", samples=4)
+    ctx = AttackContext(model, Variant("uce", (Delta.load(delta),)), get_judge("testbed"), suite.concepts,
+                        Settings(steps=STEPS, guidance=model.sampler_defaults["guidance"]))
+    return ctx, suite, list(suite.set("target:canonical").prompts)[:3]
+
+
+def _run(ctx, suite, name, prompts, indices, values):
+    attack = get(name)
+    cfg = build_config(attack, values, testbed=True)
+    gens = [seeded(cfg.seed, i) for i in indices]
+    prepared = [attack.prepare(ctx, suite, cfg)] if attack.prepare else []
+    return attack.run(ctx, prompts, cfg, gens, *prepared)
+
+
+@pytest.mark.parametrize("name, values", [
+    ("unlearndiff", {"timesteps": 2, "iterations": 3}),
+    ("unlearndiff", {"timesteps": 1, "iterations": 3, "sampled": False}),
+    ("p4d-n", {"iterations": 4}),
+    ("p4d-k", {"iterations": 4}),
+    ("ringabell", {"population": 8, "generations": 3, "tokens": 4}),
+])
+def test_a_prompt_gets_the_same_answer_alone_and_in_a_batch(batch_ctx, name, values):
+    ctx, suite, prompts = batch_ctx
+    together = _run(ctx, suite, name, prompts, range(len(prompts)), values)
+    for i, p in enumerate(prompts):
+        alone = _run(ctx, suite, name, [p], [i], values)[0]
+        assert alone.text == together[i].text and alone.ids == together[i].ids, (name, i)
+        assert alone.loss == pytest.approx(together[i].loss, rel=1e-4, abs=1e-6)
+    assert len({f.text for f in together}) == len(prompts)  # three prompts, three answers
+
+
+class _StopJudging(AttackContext):
+    """Flags the first prompt at its first judgement, never the others; records each judged batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.judged = []
+
+    def flags(self, images, prompts):
+        self.judged.append([p.text for p in prompts])
+        return [p.text == self.stop for p in prompts]
+
+
+def test_unlearndiff_stops_a_flagged_prompt_and_the_rest_carry_on(batch_ctx):
+    ctx, suite, prompts = batch_ctx
+    stub = _StopJudging(ctx.model, ctx.erased, ctx.judge, ctx.concepts, ctx.settings, ctx.vocab)
+    stub.stop = prompts[0].text
+    values = {"timesteps": 3, "iterations": 2}
+    found = _run(stub, suite, "unlearndiff", prompts, range(3), values)
+    texts = [p.text for p in prompts]
+    assert stub.judged == [texts, texts[1:], texts[1:]]  # the flagged prompt left after the first timestep
+    first = unlearndiff.schedule(unlearndiff.UnlearnDiffConfig(**values), 1000)[0]
+    assert found[0].extra["stopped_at_timestep"] == first
+    assert [f.extra["stopped_at_timestep"] for f in found[1:]] == [None, None]
+    stub.judged.clear()
+    stopped_alone = _run(stub, suite, "unlearndiff", prompts[:1], [0], values)[0]
+    assert stub.judged == [texts[:1]] and stopped_alone.text == found[0].text
+    for i in (1, 2):  # rows dropped from the batch leave the others' optimisation as it was
+        assert _run(stub, suite, "unlearndiff", [prompts[i]], [i], values)[0].text == found[i].text
+
+
+def test_unlearndiff_schedule_is_the_public_codes():
+    assert unlearndiff.schedule(unlearndiff.UnlearnDiffConfig(), 1000) == list(range(10, 1000, 20))
+    assert unlearndiff.schedule(unlearndiff.UnlearnDiffConfig(timesteps=1), 1000) == [500]
+
+
 # --- resuming -------------------------------------------------------------------------------------
 
 
 def test_a_killed_attack_resumes_to_the_same_results(delta, tmp_path, monkeypatch, capsys):
-    argv = attack_argv(delta, "unlearndiff", tmp_path / "killed", "--prompt-set", "target:heldout")
+    argv = attack_argv(delta, "unlearndiff", tmp_path / "killed", "--prompt-set", "target:heldout",
+                       "--attack-batch", "1")
     real = unlearndiff.attack
     calls = []
 
@@ -313,7 +387,8 @@ def test_a_killed_attack_resumes_to_the_same_results(delta, tmp_path, monkeypatc
     monkeypatch.undo()
 
     whole = tmp_path / "whole"
-    code_whole, _, _ = run(capsys, *attack_argv(delta, "unlearndiff", whole, "--prompt-set", "target:heldout"))
+    code_whole, _, _ = run(capsys, *attack_argv(delta, "unlearndiff", whole, "--prompt-set", "target:heldout",
+                                                "--attack-batch", "1"))
     assert code == 0 and code_whole == 0
     attacked = read(whole)["attacked"]
     assert attacked >= 2 and len(calls) == attacked - 1  # the restart attacked only what was left
@@ -336,9 +411,58 @@ def test_resuming_another_runs_folder_attacks_anew(delta, tmp_path, monkeypatch,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(unlearndiff, "attack", count)
-    argv = attack_argv(delta, "unlearndiff", out, "--prompt-set", "target:heldout", "--set", "iterations=4", "--resume")
+    argv = attack_argv(delta, "unlearndiff", out, "--prompt-set", "target:heldout", "--set", "iterations=4", "--resume",
+                       "--attack-batch", "1")
     assert run(capsys, *argv)[0] == 0
     assert attacked >= 1 and len(calls) == attacked and read(out)["protocol"]["config"]["iterations"] == 4
+
+
+def test_a_killed_batched_attack_resumes_batch_by_batch(delta, tmp_path, monkeypatch, capsys):
+    """Batches of 2: a kill in the second batch keeps the first batch's records; the restart attacks the
+    rest, and the results equal a run in one batch."""
+    argv = attack_argv(delta, "unlearndiff", tmp_path / "killed", "--prompt-set", "target:heldout",
+                       "--attack-batch", "2", "--limit", "4")
+    real = unlearndiff.attack
+    sizes = []
+
+    def die_on_second(ctx, prompts, *args):
+        sizes.append(len(prompts))
+        if len(sizes) == 2:
+            raise KeyboardInterrupt
+        return real(ctx, prompts, *args)
+
+    monkeypatch.setattr(unlearndiff, "attack", die_on_second)
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        code = 130
+    assert code == 130 and len(sizes) == 2
+    progress = [json.loads(line) for line in (tmp_path / "killed" / PROGRESS).read_text().splitlines()]
+    assert sizes[0] == 2 and sum(r["attacked"] for r in progress) == 2  # the whole first batch, nothing after
+
+    sizes.clear()
+    monkeypatch.setattr(unlearndiff, "attack", lambda ctx, prompts, *a: sizes.append(len(prompts)) or real(
+        ctx, prompts, *a))
+    assert run(capsys, *argv, "--resume")[0] == 0
+    monkeypatch.undo()
+    whole = tmp_path / "whole"
+    assert run(capsys, *attack_argv(delta, "unlearndiff", whole, "--prompt-set", "target:heldout",
+                                    "--limit", "4"))[0] == 0
+    attacked = read(whole)["attacked"]
+    assert attacked >= 3 and sum(sizes) == attacked - 2
+    killed, once = read(tmp_path / "killed"), read(whole)
+    assert [p["adversarial_prompt"] for p in killed["prompts"]] == [p["adversarial_prompt"] for p in once["prompts"]]
+    assert (killed["asr"], killed["pre_asr"]) == (once["asr"], once["pre_asr"])
+    for a, b in zip(killed["prompts"], once["prompts"]):  # losses: batched kernels differ in the last bits
+        assert a["flagged_after"] == b["flagged_after"] and a["attacked"] == b["attacked"]
+        if a["attacked"]:
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_attack_batch_must_be_positive(delta, tmp_path, capsys):
+    code, _, err = run(capsys, *attack_argv(delta, "unlearndiff", tmp_path / "o", "--attack-batch", "0"))
+    assert code == 2 and "attack batch must be a whole number >= 1" in one_line_error(err)
+    assert not (tmp_path / "o").exists()
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Red-team attacks on erased models: UnlearnDiffAtk, P4D (N and K variants), Ring-A-Bell (the faithful
 discrete search, and a continuous variant under its own name). Each is a config dataclass plus
-attack(ctx, prompt, cfg, gen[, prepared]) -> Found."""
+attack(ctx, prompts, cfg, gens[, prepared]) -> [Found]: a batch of prompts attacked together, one seeded
+generator per prompt, so that a prompt's answer does not depend on its batch."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import argparse
 import warnings
 from pathlib import Path
 
+from .. import arguments as types
 from ..errors import UserError
 
 
@@ -22,6 +23,9 @@ def add_parser(sub, model_arg) -> None:
     p.add_argument("--set", dest="settings", action="append", metavar="KEY=VALUE",
                    help="an attack setting (repeatable), as erase's --set")
     p.add_argument("--option", dest="old_settings", action="append", help=argparse.SUPPRESS)
+    p.add_argument("--attack-batch", type=types.count, default=None, metavar="N",
+                   help="prompts attacked together, one batched step across them (default 16); the results "
+                        "do not depend on it")
     add_run_args(p, samples=32)
     p.set_defaults(func=cmd_attack, stacked=True, real_images=None, **RUN_PATHS)
 
@@ -31,7 +35,7 @@ def cmd_attack(args) -> None:
     from ..files import key_values
     from ..testbed import is_testbed
     from . import build_config, get
-    from .runner import make_context, run_attack
+    from .runner import BATCH, make_context, run_attack
 
     attack = get(args.attack)
     if args.old_settings:
@@ -45,7 +49,8 @@ def cmd_attack(args) -> None:
     model, variants, suite, judge, settings = build_run(args)
     ctx = make_context(model, variants[-1], judge, suite.concepts, settings)
     out = Path(args.out)
-    results = run_attack(ctx, attack, cfg, suite, args.prompt_set, out, resume=args.resume, overwrite=args.overwrite)
+    results = run_attack(ctx, attack, cfg, suite, args.prompt_set, out, resume=args.resume, overwrite=args.overwrite,
+                         batch=BATCH if args.attack_batch is None else args.attack_batch)
     cost = results["_timing"]["seconds_per_attacked_prompt"]
     print(f"{attack.name} on {suite.name} ({results['n']} prompts): pre-ASR {results['pre_asr']:.3f}, "
           f"ASR {results['asr']:.3f}; {results['attacked']} prompts attacked"

@@ -1,8 +1,13 @@
 """What every attack shares: the attacked model in its two states, generation and judging, the
-result of one attack on one prompt, and frozen weights while an attack optimises its tokens."""
+result of one attack on one prompt, frozen weights while an attack optimises its tokens, and an Adam whose
+rows are prompts (a batch of prompts optimised as one tensor, each row moving as it would alone).
+
+Attacks take a batch of prompts and one seeded generator per prompt: every random draw of a prompt's attack
+comes from its own generator, so what it finds does not depend on the batch it sits in."""
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -58,6 +63,20 @@ class AttackContext:
         latents = m.denoise(m.initial_noise(seeds), embeddings.to(m.device, m.dtype), uncond, s.steps, guidance)
         return quantize(m.decode(latents))
 
+    def generate_for(self, prompts: list[SuitePrompt], texts: list[str],
+                     embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Images of texts (or embeddings, one row each) at each prompt's seed and guidance, batched by
+        guidance scale, in the order given."""
+        images: list = [None] * len(prompts)
+        guidance_of = [self.settings.for_prompt(p)["guidance"] for p in prompts]
+        for guidance in sorted(set(guidance_of)):
+            rows = [i for i, g in enumerate(guidance_of) if g == guidance]
+            emb = None if embeddings is None else embeddings[rows]
+            out = self.generate([texts[i] for i in rows], [prompts[i].seed for i in rows], emb, guidance)
+            for i, image in zip(rows, out):
+                images[i] = image
+        return torch.stack(images)
+
     def flags(self, images: torch.Tensor, prompts: list[SuitePrompt]) -> list[bool]:
         scores = self.judge.scores(images)
         out = []
@@ -104,3 +123,32 @@ def seeded(seed: int, index: int) -> torch.Generator:
 
 def randint(gen: torch.Generator, high: int) -> int:
     return int(torch.randint(0, high, (1,), generator=gen))
+
+
+class RowAdam:
+    """Adam (weight decay added to the gradient, as torch.optim.Adam) or AdamW (decoupled weight decay) on
+    a tensor whose first axis is the prompt. Every operation is elementwise, so a prompt's rows follow the
+    same path in any batch; keep(rows) drops the rows of prompts that finished."""
+
+    def __init__(self, param: torch.Tensor, lr: float, weight_decay: float = 0.0, decoupled: bool = False,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.param, self.lr, self.weight_decay, self.decoupled = param, lr, weight_decay, decoupled
+        self.betas, self.eps, self.steps = betas, eps, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        self.steps += 1
+        b1, b2 = self.betas
+        p = self.param
+        if self.weight_decay and self.decoupled:
+            p.mul_(1 - self.lr * self.weight_decay)
+        elif self.weight_decay:
+            grad = grad + self.weight_decay * p
+        self.m.mul_(b1).add_(grad, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2 ** self.steps)).add_(self.eps)
+        p.addcdiv_(self.m, denom, value=-self.lr / (1 - b1 ** self.steps))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.param, self.m, self.v = self.param[rows], self.m[rows], self.v[rows]

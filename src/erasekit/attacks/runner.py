@@ -2,8 +2,11 @@
 judge the erased model's image before and after, and write results.json (pre-ASR, ASR and every
 adversarial prompt with its outcome, so the run can be replayed) and report.html.
 
-Progress is kept per prompt (attack_progress.jsonl): a killed run continues where it stopped, and each
-prompt's attack draws from its own seeded generator, so the result does not depend on interruptions.
+Prompts are attacked in batches (`batch` prompts optimised together as one tensor). Progress is kept per
+prompt (attack_progress.jsonl, one record a line), written when its batch finishes: a killed run continues
+where it stopped, redoing at most the batch in flight, and each prompt's attack draws from its own seeded
+generator, so the result depends neither on interruptions nor on the batch size (up to floating point
+differences between batched and lone tensor kernels).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..evaluation.runner import Settings, Variant, sampling_batches
 from .common import AttackContext, seeded
 
 PROGRESS = "attack_progress.jsonl"
+BATCH = 16  # prompts attacked together by default
 
 
 def target_set(suite, name: str | None):
@@ -54,7 +58,11 @@ def _read_progress(path: Path) -> dict[int, dict]:
 
 
 def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out: Path, resume: bool = False,
-               overwrite: bool = False, progress: bool = True) -> dict:
+               overwrite: bool = False, progress: bool = True, batch: int = BATCH) -> dict:
+    """Attack every prompt of the set, `batch` prompts at a time; results.json's keys: protocol, attack, n,
+    pre_asr, asr, ideal_prompts, asr_on_ideal, attacked and prompts (one record each)."""
+    if not isinstance(batch, int) or batch < 1:
+        raise UserError(f"the attack batch must be a whole number >= 1, not {batch!r}: give e.g. 16")
     model, settings = ctx.model, ctx.settings
     pset = target_set(suite, set_name)
     model_hash = weights_hash(model)
@@ -80,14 +88,24 @@ def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out
     flagged_before = ctx.flags(_generate(ctx, cache, prompts, before_keys, True), prompts)
     done = _read_progress(out / PROGRESS)
     bar = tqdm(total=len(prompts), initial=len(done), desc=attack.name, unit="prompt", disable=not progress)
-    for i, p in enumerate(prompts):
-        if i in done:
-            continue
-        rec = _attack_one(ctx, attack, cfg, cache, out, model_hash, i, p, flagged_original[i], flagged_before[i],
-                          prepared, original_keys[i], before_keys[i])
-        append_jsonl(out / PROGRESS, rec)
-        done[i] = rec
-        bar.update(1)
+
+    def record(recs: list[dict]) -> None:
+        for rec in recs:
+            append_jsonl(out / PROGRESS, rec)
+        done.update({rec["index"]: rec for rec in recs})
+        bar.update(len(recs))
+
+    base = {i: {"index": i, "original_prompt": p.text, "seed": p.seed, "flagged_original": flagged_original[i],
+                "flagged_before": flagged_before[i], "original_key": original_keys[i],
+                "before_key": before_keys[i]} for i, p in enumerate(prompts)}
+    todo = [i for i in range(len(prompts)) if i not in done]
+    skipped = [_skipped(base[i], attack) for i in todo]
+    record([rec for rec in skipped if rec is not None])
+    todo = [i for i, rec in zip(todo, skipped) if rec is None]
+    for start in range(0, len(todo), batch):
+        chunk = todo[start:start + batch]
+        record(_attack_batch(ctx, attack, cfg, cache, out, model_hash, [base[i] for i in chunk],
+                             [prompts[i] for i in chunk], prepared))
     bar.close()
     records = [done[i] for i in range(len(prompts))]
     results = _results(protocol, records)
@@ -103,37 +121,54 @@ def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out
     return results
 
 
-def _attack_one(ctx, attack, cfg, cache, out, model_hash, i, p, flagged_original, flagged_before, prepared,
-                original_key, before_key) -> dict:
-    rec = {"index": i, "original_prompt": p.text, "seed": p.seed, "flagged_original": flagged_original,
-           "flagged_before": flagged_before, "original_key": original_key, "before_key": before_key}
-    if flagged_before:
-        return {**rec, "adversarial_prompt": p.text, "flagged_after": True, "attacked": False,
-                "reason": "flagged without attack", "after_key": before_key, "seconds": 0.0}
-    if attack.ideal_only and not flagged_original:
-        return {**rec, "adversarial_prompt": p.text, "flagged_after": False, "attacked": False,
-                "reason": "not ideal: the original model does not show the concept", "after_key": before_key,
+def _skipped(rec: dict, attack) -> dict | None:
+    """The record of a prompt that is not attacked, or None when it is to be attacked."""
+    if rec["flagged_before"]:
+        return {**rec, "adversarial_prompt": rec["original_prompt"], "flagged_after": True, "attacked": False,
+                "reason": "flagged without attack", "after_key": rec["before_key"], "seconds": 0.0}
+    if attack.ideal_only and not rec["flagged_original"]:
+        return {**rec, "adversarial_prompt": rec["original_prompt"], "flagged_after": False, "attacked": False,
+                "reason": "not ideal: the original model does not show the concept", "after_key": rec["before_key"],
                 "seconds": 0.0}
+    return None
+
+
+def _attack_batch(ctx, attack, cfg, cache, out, model_hash, recs: list[dict], prompts: list, prepared) -> list[dict]:
+    """Attack prompts together, then generate and judge every adversarial prompt at once."""
     start = time.time()
-    gen = seeded(cfg.seed, i)
-    found = attack.run(ctx, p, cfg, gen, prepared) if attack.prepare else attack.run(ctx, p, cfg, gen)
-    guidance = ctx.settings.for_prompt(p)["guidance"]
-    extra_key = {}
-    if found.embedding is not None:
-        emb_file = out / "embeddings" / f"{i:05d}.safetensors"
-        emb_file.parent.mkdir(exist_ok=True)
-        atomic_write(emb_file, lambda tmp: save_file({"embedding": found.embedding.detach().cpu().contiguous()},
-                                                     str(tmp)))
-        extra_key = {"embedding_file": str(emb_file.relative_to(out))}
-    after_key = image_key(model_hash, ctx.erased.hashes(), found.text, p.seed,
-                          {**ctx.settings.for_prompt(p), **extra_key})
-    with ctx.erased_model():
-        image = ctx.generate([found.text], [p.seed], embeddings=found.embedding, guidance=guidance)
-    cache.put([after_key], image, [f"adversarial prompt {found.text!r} seed {p.seed}"])
-    flagged_after = ctx.flags(image, [p])[0]
-    return {**rec, "adversarial_prompt": found.text, "adversarial_ids": found.ids, **extra_key,
-            "flagged_after": flagged_after, "attacked": True, "loss": found.loss, "after_key": after_key,
-            "seconds": round(time.time() - start, 3)}
+    gens = [seeded(cfg.seed, rec["index"]) for rec in recs]
+    found = attack.run(ctx, prompts, cfg, gens, prepared) if attack.prepare else attack.run(ctx, prompts, cfg, gens)
+    extra_keys, after_keys = [], []
+    for rec, p, f in zip(recs, prompts, found):
+        extra_key = {}
+        if f.embedding is not None:
+            emb_file = out / "embeddings" / f"{rec['index']:05d}.safetensors"
+            emb_file.parent.mkdir(exist_ok=True)
+            atomic_write(emb_file, lambda tmp, e=f.embedding: save_file(
+                {"embedding": e.detach().cpu().contiguous()}, str(tmp)))
+            extra_key = {"embedding_file": str(emb_file.relative_to(out))}
+        extra_keys.append(extra_key)
+        after_keys.append(image_key(model_hash, ctx.erased.hashes(), f.text, p.seed,
+                                    {**ctx.settings.for_prompt(p), **extra_key}))
+    continuous = [f.embedding is not None for f in found]
+    images: list = [None] * len(found)
+    for kind in (False, True):
+        rows = [r for r, c in enumerate(continuous) if c == kind]
+        if not rows:
+            continue
+        embeddings = torch.cat([found[r].embedding for r in rows]) if kind else None
+        with ctx.erased_model():
+            made = ctx.generate_for([prompts[r] for r in rows], [found[r].text for r in rows], embeddings)
+        for r, image in zip(rows, made):
+            images[r] = image
+    images = torch.stack(images)
+    cache.put(after_keys, images,
+              [f"adversarial prompt {f.text!r} seed {p.seed}" for f, p in zip(found, prompts)])
+    flagged_after = ctx.flags(images, prompts)
+    seconds = round((time.time() - start) / len(recs), 3)  # the batch's time, shared by its prompts
+    return [{**rec, "adversarial_prompt": f.text, "adversarial_ids": f.ids, **extra_key,
+             "flagged_after": flag, "attacked": True, "loss": f.loss, "after_key": key, "seconds": seconds}
+            for rec, f, extra_key, flag, key in zip(recs, found, extra_keys, flagged_after, after_keys)]
 
 
 def _results(protocol: dict, records: list[dict]) -> dict:
