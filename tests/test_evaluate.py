@@ -329,3 +329,15 @@ def test_non_finite_images_are_refused_before_anything_is_written(tiny_sd, tmp_p
     with pytest.raises(UserError, match="prompt 'b' seed 1 produced non-finite .*1 of 2 images"):
         cache.put(["a" * 64, "b" * 64], images, ["prompt 'a' seed 0", "prompt 'b' seed 1"])
     assert not cached_pngs(tmp_path)
+
+
+def test_one_process_where_several_were_asked_for_is_said(monkeypatch):
+    """`accelerate launch --num_processes 2` without --multi_gpu sets MASTER_ADDR but starts one process."""
+    from erasekit.evaluation import runner
+
+    monkeypatch.setattr(runner, "_WARNED_ONE", False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match="only one runs: pass --multi_gpu"):
+        assert runner.distributed_state() is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,9 +99,23 @@ def make_plan(model_hash: str, variants: list[Variant], suite: Suite, settings: 
     return plan
 
 
+def warn_if_one_of_several() -> None:
+    """`accelerate launch --num_processes 2` without --multi_gpu runs one process (accelerate sets MASTER_ADDR
+    for the processes asked for, but no WORLD_SIZE): say so once instead of running alone in silence."""
+    global _WARNED_ONE
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ and not _WARNED_ONE:
+        _WARNED_ONE = True
+        warnings.warn("accelerate launch asked for several processes but only one runs: pass --multi_gpu (on a "
+                      "CPU machine too: accelerate launch --multi_gpu --num_processes 2 -m erasekit ...)", stacklevel=2)
+
+
+_WARNED_ONE = False
+
+
 def distributed_state():
     """accelerate's process state when launched with several processes, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        warn_if_one_of_several()
         return None
     from accelerate import PartialState
 
