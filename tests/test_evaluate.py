@@ -341,3 +341,19 @@ def test_one_process_where_several_were_asked_for_is_said(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.warns(UserWarning, match="only one runs: pass --multi_gpu"):
         assert runner.distributed_state() is None
+
+
+def test_each_image_records_the_seed_steps_and_guidance_it_was_made_with(tmp_path, capsys):
+    """An I2P-style suite with per-row guidance: the records and the report say which scale each image had."""
+    suite = tmp_path / "rows.csv"
+    suite.write_text("prompt,evaluation_seed,evaluation_guidance\na red circle,3,13\na red square,4,\n"
+                     "a red star,5,7\n")
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "evaluate", "--suite", suite, "--judge", "testbed", "--concept", "red", "--steps", "3",
+                       "--out", out)
+    assert code == 0, err
+    results = read(out)
+    made = {(r["prompt"], r["seed"], r["steps"], r["guidance"]) for r in results["images"]}
+    default = results["protocol"]["sampler"]["guidance"]
+    assert made == {("a red circle", 3, 3, 13.0), ("a red square", 4, 3, default), ("a red star", 5, 3, 7.0)}
+    assert "per-row guidance 7-13 on 2 images" in (out / "report.html").read_text()

@@ -81,8 +81,10 @@ def read_real_images(folder: Path, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255.0)
 
 
-def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Path | None = None) -> dict:
-    """{"metrics": per variant, "images": one record per image} for a run whose images are all cached."""
+def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Path | None = None,
+            settings=None) -> dict:
+    """{"metrics": per variant, "images": one record per image (with the seed, steps and guidance it was made
+    with: a suite's per-row guidance differs from the default) for a run whose images are all cached."""
     clip_score = _clip_scorer(model)
     features: dict[str, list[torch.Tensor]] = {}
     metrics, records = {}, []
@@ -113,8 +115,10 @@ def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Pa
                 feats.append(f.detach().float().cpu())
             per_set[pset.name] = entry
             for item, (flag, score) in zip(items, flags):
+                made = {} if settings is None else {k: v for k, v in settings.for_prompt(item.prompt).items()
+                                                    if k in ("steps", "guidance")}
                 records.append({"variant": variant.name, "set": pset.name, "index": item.index,
-                                "prompt": item.prompt.text, "seed": item.prompt.seed, "key": item.key,
+                                "prompt": item.prompt.text, "seed": item.prompt.seed, **made, "key": item.key,
                                 "flagged": bool(flag), "score": _r(score)})
         features[variant.name] = feats
         metrics[variant.name] = _summary(per_set)

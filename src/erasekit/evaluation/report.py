@@ -118,6 +118,13 @@ def grids(results: dict, cache: ImageCache, per_set: int = GRID_PROMPTS) -> str:
     return "".join(out)
 
 
+def guidance_note(results: dict) -> str:
+    """' (per-row guidance 7-13 on 40 images)' when the suite set other scales than the default."""
+    default = results["protocol"]["sampler"]["guidance"]
+    rows = [r["guidance"] for r in results.get("images", []) if r.get("guidance", default) != default]
+    return f" (per-row guidance {min(rows):g}-{max(rows):g} on {len(rows)} images)" if rows else ""
+
+
 def render(results: dict, cache: ImageCache) -> str:
     p = results["protocol"]
     judge = p["judge"]
@@ -125,7 +132,8 @@ def render(results: dict, cache: ImageCache) -> str:
     summary = (f"model <code>{_e(p['model'].get('name'))}</code> ({_e(p['model'].get('source'))}), "
                f"suite <code>{_e(p['suite']['name'])}</code> (hash {_e(p['suite']['hash'][:12])}), "
                f"judge <code>{_e(judge.get('name'))}</code> threshold {_e(judge.get('threshold'))}, "
-               f"{_e(sampler['scheduler'])} {sampler['steps']} steps, guidance {sampler['guidance']}, "
+               f"{_e(sampler['scheduler'])} {sampler['steps']} steps, guidance {sampler['guidance']}"
+               f"{guidance_note(results)}, "
                f"{_e(p['dtype'])}")
     body = [f"<h1>erasekit report: {_e(p['suite']['name'])}</h1>", f"<p>{summary}</p>",
             "<h2>Metrics</h2>", metrics_table(results),

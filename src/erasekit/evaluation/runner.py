@@ -203,7 +203,7 @@ def evaluate(model: Model, variants: list[Variant], suite: Suite, judge, out: Pa
         state.wait_for_everyone()
     if not main:
         return None
-    results = {"protocol": protocol, **measure(model, plan, cache, suite, judge, real_images)}
+    results = {"protocol": protocol, **measure(model, plan, cache, suite, judge, real_images, settings)}
     atomic_write_json(out / RESULTS, results)
     write_report(out / REPORT, results, cache)
     timing = {"wall_time_s": round(time.time() - start, 1), "images_planned": len(plan.items),
