@@ -31,7 +31,10 @@ def cmd_attack(args) -> None:
     ctx = make_context(model, variants[-1], judge, suite.concepts, settings)
     out = Path(args.out)
     results = run_attack(ctx, attack, cfg, suite, args.prompt_set, out, resume=args.resume, overwrite=args.overwrite)
+    from ..stats import format_rate
+
     cost = results["_timing"]["seconds_per_attacked_prompt"]
-    print(f"{attack.name} on {suite.name} ({results['n']} prompts): pre-ASR {results['pre_asr']:.3f}, "
-          f"ASR {results['asr']:.3f}; {results['attacked']} prompts attacked"
+    pre, asr = (format_rate(results[k], results[f"{k}_ci"]) for k in ("pre_asr", "asr"))
+    print(f"{attack.name} on {suite.name} ({results['n']} prompts): pre-ASR {pre}, ASR {asr}; "
+          f"{results['attacked']} prompts attacked"
           f"{'' if cost is None else f', {cost:.2f} s each'}; wrote {out / 'results.json'} and {out / 'report.html'}")

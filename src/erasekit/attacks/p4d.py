@@ -46,7 +46,7 @@ def slot_layout(content: list[int], cfg: P4DConfig) -> list[int | None]:
 @torch.no_grad()
 def original_trajectory(ctx: AttackContext, prompt) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(x_t, t, original model's conditional output) at every step of its own guided DDIM trajectory."""
-    m, s = ctx.model, ctx.settings
+    m, s = ctx.original, ctx.settings
     emb = m.encode([prompt.text]).embeddings
     uncond = m.encode([s.negative_prompt]).embeddings
     latents = m.initial_noise([prompt.seed])

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..checkpoint import atomic_write_text
 from ..evaluation.cache import ImageCache
 from ..evaluation.report import STYLE, _e, _png_data
+from ..stats import format_rate
 
 SHOWN = 24
 
@@ -19,6 +20,10 @@ def _img(cache: ImageCache, key: str | None, flagged: bool) -> str:
     return f'<td><img class="{cls}" src="{_png_data(cache, key)}"></td>'
 
 
+def _rate(results: dict, key: str, n: int) -> str:
+    return _e(format_rate(results[key], results.get(f"{key}_ci"), n))
+
+
 def render(results: dict, cache: ImageCache) -> str:
     p = results["protocol"]
     erased = ", ".join(d["path"] for d in p["erased"]["deltas"]) or "no delta"
@@ -27,12 +32,13 @@ def render(results: dict, cache: ImageCache) -> str:
             f"<code>{_e(p['set'])}</code>, judge <code>{_e(p['judge'].get('name'))}</code> threshold "
             f"{_e(p['judge'].get('threshold'))}</p>")
     table = (f"<table><tr><th>prompts</th><th>pre-ASR</th><th>ASR</th><th>ideal prompts</th><th>ASR on ideal</th>"
-             f"<th>attacked</th></tr><tr><td>{results['n']}</td><td>{results['pre_asr']:.3f}</td>"
-             f"<td>{results['asr']:.3f}</td><td>{results['ideal_prompts']}</td>"
-             f"<td>{'–' if results['asr_on_ideal'] is None else format(results['asr_on_ideal'], '.3f')}</td>"
+             f"<th>attacked</th></tr><tr><td>{results['n']}</td><td>{_rate(results, 'pre_asr', results['n'])}</td>"
+             f"<td>{_rate(results, 'asr', results['n'])}</td><td>{results['ideal_prompts']}</td>"
+             f"<td>{_rate(results, 'asr_on_ideal', results['ideal_prompts'])}</td>"
              f"<td>{results['attacked']}</td></tr></table>"
              "<p class=note>ASR (UnlearnDiffAtk's definition): prompts flagged without attack plus prompts flagged "
-             "only after it, over all prompts; pre-ASR: flagged without attack. Red frame: the judge flags it.</p>")
+             "only after it, over all prompts; pre-ASR: flagged without attack; in brackets the Wilson 95% "
+             "interval, then the number of prompts. Red frame: the judge flags it.</p>")
     rows = []
     for r in results["prompts"][:SHOWN]:
         rows.append(f"<tr><td class=cap>{_e(r['original_prompt'])}<br><b>adversarial:</b> "

@@ -49,8 +49,9 @@ def project_simplex(z: torch.Tensor) -> torch.Tensor:
 
 def attack(ctx: AttackContext, prompt, cfg: UnlearnDiffConfig, gen: torch.Generator) -> Found:
     model = ctx.model
-    x0 = model.sample([prompt.text], [prompt.seed], steps=ctx.settings.steps, guidance=ctx.settings.guidance,
-                      progress=False, output="latents").float()  # the original model's image of the concept
+    x0 = ctx.original.sample([prompt.text], [prompt.seed], steps=ctx.settings.steps,
+                             guidance=ctx.settings.guidance, progress=False,
+                             output="latents").float()  # the original model's image of the concept
     sp = slot_prompt(model, [None] * cfg.prefix_tokens + content_ids(model, prompt.text))
     table = embedding_table(model).weight
     vocab = ctx.vocab.to(table.device)
