@@ -77,7 +77,7 @@ def _points(results: dict) -> list[tuple[str, float, list, float, list]]:
     return out
 
 
-def tradeoff_svg(results: dict, width: int = 460, height: int = 320) -> str:
+def tradeoff_svg(results: dict, width: int = 520, height: int = 340) -> str:
     """Mean ASR (lower is better) against preservation accuracy (higher is better), 95% intervals as whiskers."""
     points = _points(results)
     if not points:
@@ -112,7 +112,9 @@ def tradeoff_svg(results: dict, width: int = 460, height: int = 320) -> str:
                      f'stroke="{c}"/><line x1="{px(x):.1f}" y1="{py(yci[0]):.1f}" x2="{px(x):.1f}" '
                      f'y2="{py(yci[1]):.1f}" stroke="{c}"/>')
         parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="{c}"/>')
-        parts.append(f'<text x="{px(x) + 8:.1f}" y="{py(y) - 6:.1f}" font-size="11">{_e(label)}</text>')
+        right = px(x) > width / 2  # labels on the right half go to the point's left, inside the plot
+        parts.append(f'<text x="{px(x) + (-8 if right else 8):.1f}" y="{py(y) - 6:.1f}" font-size="11" '
+                     f'text-anchor="{"end" if right else "start"}">{_e(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
