@@ -165,6 +165,7 @@ def test_resume_reuses_every_finished_part(audited, delta, tmp_path, monkeypatch
     assert read(out) == read(audited)
 
 
+@pytest.mark.slow  # a second whole audit
 @needs_oracle
 def test_a_killed_audit_resumes_where_it_stopped(audited, delta, tmp_path, monkeypatch, capsys):
     import erasekit.attacks.runner as attack_runner
