@@ -39,12 +39,12 @@ def attack_options(items: list[str] | None) -> dict[str, dict[str, str]]:
 
 
 def build_audit(args):
-    """The Audit from parsed arguments; every check before any work."""
+    """The Audit from parsed arguments (run_audit makes the checks that need the loaded model first)."""
     from .. import attacks
     from ..evaluation.commands import build_run
     from ..evaluation.random_prompts import random_suite
     from ..model import load
-    from .runner import Audit, check, oracle_name
+    from .runner import Audit, oracle_name
 
     options = attack_options(args.option)
     if args.random_prompts < 1:
@@ -57,10 +57,8 @@ def build_audit(args):
                                                       source="--option"))
     random = random_suite(model, suite, args.random_prompts).limit(args.limit)
     oracle = oracle_name(model, suite)
-    audit = Audit(model, variants, suite, random, judge, settings, configs,
-                  oracle=None if oracle is None else load(oracle, device=model.device))
-    check(audit)
-    return audit
+    return Audit(model, variants, suite, random, judge, settings, configs,
+                 oracle=None if oracle is None else load(oracle, device=model.device))  # run_audit checks the rest
 
 
 def _rate(row: dict, key: str) -> str:
