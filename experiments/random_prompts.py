@@ -3,6 +3,8 @@ free-token attack (P4D-N: 16 free tokens from the attack vocabulary) starts from
 
 Each prompt is 16 words drawn uniformly from the attack vocabulary (seeded); every model renders the same
 prompts with the same seeds and the testbed judge names each image's shape, colour, style and background.
+The prompts are `erasekit.evaluation.random_prompts`'s, which `erasekit audit` measures its base_rate on; that
+flags an image by the judge's threshold (as target rates do), this script names each image's value by argmax.
 
 Usage: python experiments/random_prompts.py [--concept circle] [--prompts 64] [--methods uce trce-stage1 trce]
 """
@@ -22,8 +24,8 @@ def main() -> None:
     import torch
 
     import erasekit
-    from erasekit.attacks.tokens import attack_vocabulary
     from erasekit.checkpoint import atomic_write_text
+    from erasekit.evaluation.random_prompts import FIRST_SEED, random_prompts
     from erasekit.testbed.evaluate import judge_verdicts
     from erasekit.testbed.judge import load_judge
     from erasekit.testbed.prompts import attribute_of
@@ -40,11 +42,8 @@ def main() -> None:
     model, judge = erasekit.load("testbed"), load_judge()
     attr = attribute_of(args.concept)
     index = VALUES[attr].index(args.concept)
-    vocab = attack_vocabulary(model)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [model.tokenizer.decode(vocab[torch.randint(0, len(vocab), (args.words,), generator=gen)].tolist())
-               for _ in range(args.prompts)]
-    seeds = list(range(5000, 5000 + args.prompts))
+    prompts = random_prompts(model, args.prompts, args.words)  # the prompts `erasekit audit` measures base_rate on
+    seeds = list(range(FIRST_SEED, FIRST_SEED + args.prompts))
 
     def measure() -> dict:
         judged = judge_verdicts(judge, model.sample(prompts, seeds))[attr].cpu()

@@ -192,6 +192,9 @@ def test_attack_writes_results_and_report(attack_run, name):
     assert len(prompts) == 3 and all(RECORD_KEYS <= set(p) for p in prompts)
     assert results["pre_asr"] == round(sum(p["flagged_before"] for p in prompts) / 3, 4)
     assert results["asr"] == round(sum(p["flagged_before"] or p["flagged_after"] for p in prompts) / 3, 4)
+    for key in ("pre_asr", "asr"):  # Wilson 95% intervals over the 3 prompts, holding the rate
+        lo, hi = results[f"{key}_ci"]
+        assert 0.0 <= lo <= results[key] <= hi <= 1.0 and hi - lo > 0.3
     assert [p["seed"] for p in prompts] == [2000, 2001, 2002]
     for p in prompts:
         if p["flagged_before"]:

@@ -165,6 +165,16 @@ CASES = [
       "--out", "o"], "fixes"),
     (["attack", "--delta", "{delta}", "--attack", "p4d", "--suite", "testbed:circle", "--batch-size", "0",
       "--out", "o"], "at least 1"),
+    # -- audit
+    (["audit", "--suite", "testbed:circle", "--out", "o"], "--delta"),
+    (["audit", "--delta", "{delta}", "--suite", "testbed:circle", "--random-prompts", "0", "--out", "o"],
+     "at least 1"),
+    (["audit", "--delta", "{delta}", "--suite", "testbed:circle", "--set", "iterations=3", "--out", "o"],
+     "ATTACK.KEY=VALUE"),
+    (["audit", "--delta", "{delta}", "--suite", "testbed:circle", "--set", "p4d.iterations=0", "--out", "o"],
+     "at least 1"),
+    (["audit", "--delta", "{delta}", "--suite", "testbed:dragon", "--out", "o"], "dragon"),
+    (["audit", "--delta", "{delta}", "--suite", "testbed:circle", "--out", "{weights}/audit"], "source model folder"),
     # -- demo and testbed commands
     (["demo", "--samples", "0"], "at least 1"),
     (["demo", "--concept", "dragon"], "unknown testbed concept"),
@@ -247,6 +257,6 @@ def test_bad_input_ends_in_one_line_and_writes_nothing(argv, message, bad_files,
 
 def test_the_table_covers_every_command():
     commands = {c[0][0] for c in CASES if c[0]} | {" ".join(c[0][:2]) for c in CASES if c[0][:1] == ["testbed"]}
-    assert {"info", "generate", "apply", "export", "erase", "evaluate", "compare", "attack", "demo",
+    assert {"info", "generate", "apply", "export", "erase", "evaluate", "compare", "attack", "audit", "demo",
             "testbed train", "testbed evaluate", "testbed train-judge"} <= commands
     assert len(CASES) >= 80

@@ -39,6 +39,8 @@ WRITERS = {
                  "--steps", "2", "--out", "{out}"], "folder"),
     "attack": (["attack", "--delta", "{delta}", "--attack", "unlearndiff", "--suite", "testbed:striped", "--limit",
                 "1", "--samples", "2", "--steps", "2", "--set", "iterations=1", "--out", "{out}"], "folder"),
+    "audit": (["audit", "--delta", "{delta}", "--suite", "testbed:striped", "--limit", "1", "--out", "{out}"],
+              "folder"),
     "demo": (["demo", "--samples", "1", "--out", "{out}"], "folder"),
     "testbed train": (["testbed", "train", "--steps", "1", "--out", "{out}"], "folder"),
     "testbed train-judge": (["testbed", "train-judge", "--steps", "1", "--out", "{out}.safetensors"], "file"),

@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .attacks.commands import add_parser as add_attack_parser
 
     add_attack_parser(sub, _model_arg)
+    from .audit.commands import add_parser as add_audit_parser
+
+    add_audit_parser(sub, _model_arg)
 
     testbed = sub.add_parser("testbed", help="the built-in miniature text-to-image model")
     tsub = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")

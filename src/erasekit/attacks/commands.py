@@ -51,7 +51,10 @@ def cmd_attack(args) -> None:
     out = Path(args.out)
     results = run_attack(ctx, attack, cfg, suite, args.prompt_set, out, resume=args.resume, overwrite=args.overwrite,
                          batch=BATCH if args.attack_batch is None else args.attack_batch)
+    from ..stats import format_rate
+
     cost = results["_timing"]["seconds_per_attacked_prompt"]
-    print(f"{attack.name} on {suite.name} ({results['n']} prompts): pre-ASR {results['pre_asr']:.3f}, "
-          f"ASR {results['asr']:.3f}; {results['attacked']} prompts attacked"
+    pre, asr = (format_rate(results[k], results[f"{k}_ci"]) for k in ("pre_asr", "asr"))
+    print(f"{attack.name} on {suite.name} ({results['n']} prompts): pre-ASR {pre}, ASR {asr}; "
+          f"{results['attacked']} prompts attacked"
           f"{'' if cost is None else f', {cost:.2f} s each'}; wrote {out / 'results.json'} and {out / 'report.html'}")

@@ -33,16 +33,26 @@ class Found:
 
 @dataclass
 class AttackContext:
+    """The attacked model (model with the erased variant's deltas; a model trained without the concept has
+    none) and the original it is measured against: reference when given (an oracle is attacked against the
+    unedited testbed), else the same model without the deltas."""
     model: Model
     erased: Variant
     judge: object
     concepts: tuple[str, ...]
     settings: Settings
     vocab: torch.Tensor = None
+    reference: Model | None = None
 
     def __post_init__(self):
         if self.vocab is None:
             self.vocab = attack_vocabulary(self.model)
+
+    @property
+    def original(self) -> Model:
+        """The model whose images show the concept: the reference, else the attacked model without deltas
+        (use it outside erased_model())."""
+        return self.model if self.reference is None else self.reference
 
     @contextmanager
     def erased_model(self):
@@ -51,9 +61,10 @@ class AttackContext:
 
     @torch.no_grad()
     def generate(self, texts: list[str], seeds: list[int], embeddings: torch.Tensor | None = None,
-                 guidance: float | None = None) -> torch.Tensor:
-        """Images (8-bit round-tripped, as they would be stored) from the model's current weights."""
-        m, s = self.model, self.settings
+                 guidance: float | None = None, model: Model | None = None) -> torch.Tensor:
+        """Images (8-bit round-tripped, as they would be stored) from the model's current weights (the
+        attacked model unless another is given)."""
+        m, s = model or self.model, self.settings
         guidance = s.guidance if guidance is None else guidance
         if embeddings is None:
             images = m.sample(texts, seeds, steps=s.steps, guidance=guidance, negative_prompt=s.negative_prompt,

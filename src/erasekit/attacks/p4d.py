@@ -58,7 +58,7 @@ def slot_layout(content: list[int], cfg: P4DConfig) -> list[int | None]:
 def original_trajectories(ctx: AttackContext, prompts: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t (S, B, ...), t (S,), the original model's conditional output (S, B, ...)) at every step of its
     own guided DDIM trajectory for each prompt, all prompts denoised as one batch."""
-    m, s = ctx.model, ctx.settings
+    m, s = ctx.original, ctx.settings
     emb = m.encode([p.text for p in prompts]).embeddings
     uncond = m.encode([s.negative_prompt]).embeddings
     latents = m.initial_noise([p.seed for p in prompts])

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..evaluation.cache import ImageCache, image_key
 from ..evaluation.protocol import check_run_dir, package_versions, weights_hash
 from ..evaluation.runner import Settings, Variant, sampling_batches
+from ..stats import rate_ci
 from .common import AttackContext, seeded
 
 PROGRESS = "attack_progress.jsonl"
@@ -40,14 +41,14 @@ def target_set(suite, name: str | None):
     raise UserError(f"suite {suite.name} has no target prompts to attack: choose a suite with target prompts")
 
 
-def _generate(ctx: AttackContext, cache: ImageCache, prompts, keys, deltas: bool) -> torch.Tensor:
-    """Images for prompts (cached by key), from the erased model when deltas else the original."""
+def _generate(ctx: AttackContext, cache: ImageCache, prompts, keys, erased: bool) -> torch.Tensor:
+    """Images for prompts (cached by key), from the erased model when erased else the original."""
     todo = [i for i, k in enumerate(keys) if not cache.has(k)]
     for guidance, batch in sampling_batches([prompts[i] for i in todo], ctx.settings):
         chunk = [todo[j] for j in batch]
         texts, seeds = [prompts[i].text for i in chunk], [prompts[i].seed for i in chunk]
-        with ctx.erased_model() if deltas else nullcontext():
-            images = ctx.generate(texts, seeds, guidance=guidance)
+        with ctx.erased_model() if erased else nullcontext():
+            images = ctx.generate(texts, seeds, guidance=guidance, model=None if erased else ctx.original)
         cache.put([keys[i] for i in chunk], images, [f"prompt {t!r} seed {s}" for t, s in zip(texts, seeds)])
     return cache.get(keys)
 
@@ -72,16 +73,20 @@ def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out
                             "negative_prompt": settings.negative_prompt},
                 "dtype": settings.dtype, "judge": ctx.judge.record(), "concepts": list(ctx.concepts),
                 "packages": package_versions()}
+    original_hash = model_hash
+    if ctx.reference is not None:  # recorded only then, so other runs' protocols (and folders) are unchanged
+        original_hash = weights_hash(ctx.reference)
+        protocol["reference"] = {**ctx.reference.identity(), "weights_hash": original_hash}
     protected = [Path(model.source)] if Path(model.source).is_dir() else []
     prepared = attack.prepare(ctx, suite, cfg) if attack.prepare else None  # its errors before any folder
     if not check_run_dir(out, protocol, resume=resume, overwrite=overwrite, protected=protected):
         (out / PROGRESS).unlink(missing_ok=True)  # another run's verdicts (another delta or config): attack anew
     cache = ImageCache(out / "cache")
     prompts = list(pset.prompts)
-    key = {"original": [], "erased": ctx.erased.hashes()}
+    key = {"original": (original_hash, []), "erased": (model_hash, ctx.erased.hashes())}
 
     def keys(kind):
-        return [image_key(model_hash, key[kind], p.text, p.seed, settings.for_prompt(p)) for p in prompts]
+        return [image_key(*key[kind], p.text, p.seed, settings.for_prompt(p)) for p in prompts]
 
     original_keys, before_keys = keys("original"), keys("erased")
     flagged_original = ctx.flags(_generate(ctx, cache, prompts, original_keys, False), prompts)
@@ -178,12 +183,19 @@ def _results(protocol: dict, records: list[dict]) -> dict:
     attacked = [r for r in records if r["attacked"]]
     ideal = [r for r in records if r["flagged_original"] and not r["flagged_before"]]
     public = [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    pre_asr, asr = round(before / n, 4), round(after / n, 4)
+    on_ideal = round(sum(r["flagged_after"] for r in ideal) / len(ideal), 4) if ideal else None
     return {"protocol": protocol, "attack": protocol["attack"], "n": n,
-            "pre_asr": round(before / n, 4), "asr": round(after / n, 4),
-            "ideal_prompts": len(ideal),
-            "asr_on_ideal": round(sum(r["flagged_after"] for r in ideal) / len(ideal), 4) if ideal else None,
+            "pre_asr": pre_asr, "pre_asr_ci": rate_ci(pre_asr, n), "asr": asr, "asr_ci": rate_ci(asr, n),
+            "ideal_prompts": len(ideal), "asr_on_ideal": on_ideal, "asr_on_ideal_ci": rate_ci(on_ideal, len(ideal)),
             "attacked": len(attacked), "prompts": public}
 
 
-def make_context(model, variant: Variant, judge, concepts, settings: Settings) -> AttackContext:
-    return AttackContext(model, variant, judge, tuple(concepts), settings)
+def make_context(model, variant: Variant, judge, concepts, settings: Settings, reference=None) -> AttackContext:
+    """The context of attacks on model with variant's deltas (none for a model trained without the concept),
+    against reference as the original when given (else the model without the deltas)."""
+    if reference is not None and tuple(reference.latent_shape) != tuple(model.latent_shape):
+        raise UserError(f"the reference model {reference.source} makes latents of shape {reference.latent_shape}, "
+                        f"the attacked model {model.source} {model.latent_shape}: attack against a reference of the "
+                        "same architecture")
+    return AttackContext(model, variant, judge, tuple(concepts), settings, reference=reference)

@@ -94,9 +94,13 @@ def cmd_evaluate(args) -> None:
                        real_images=Path(args.real_images) if args.real_images else None)
     if results is None:
         return
+    from ..stats import format_rate
+
     for name, m in results["metrics"].items():
-        rates = ", ".join(f"{k} {v:.3f}" for k, v in m["target_rate"].items())
-        extra = "" if m.get("preservation_accuracy") is None else f"; preservation {m['preservation_accuracy']:.3f}"
+        rates = ", ".join(f"{k} {format_rate(v, m['target_rate_ci'][k], m['target_rate_n'][k])}"
+                          for k, v in m["target_rate"].items())
+        extra = "" if m.get("preservation_accuracy") is None else (
+            f"; preservation {format_rate(m['preservation_accuracy'], m['preservation_accuracy_ci'])}")
         fid = "" if m.get("fid_gen") is None else f"; FID_gen {m['fid_gen']:.3f}"
         print(f"{name}: target rate {rates}{extra}{fid}")
     t = results["_timing"]

@@ -16,6 +16,7 @@ from PIL import Image
 from ..errors import UserError
 from ..metrics import frechet_distance
 from ..model import Model
+from ..stats import rate_ci
 from .cache import ImageCache
 
 
@@ -99,12 +100,14 @@ def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Pa
             verdict = judge.assess(images)
             flags = _flags(verdict.scores, prompts, suite.concepts, judge.threshold)
             entry = {"role": pset.role, "n": len(items), "flagged_rate": _r(np.mean([f for f, _ in flags]))}
+            entry["flagged_rate_ci"] = rate_ci(entry["flagged_rate"], len(items))
             if pset.role == "target":
                 entry["target_rate"] = entry["flagged_rate"]
             acc = _accuracy(verdict.details, prompts)
             if acc is not None:
                 entry["accuracy_per_attribute"] = {a: _r(v) for a, v in acc.items()}
                 entry["accuracy"] = _r(np.mean(list(acc.values())))
+                entry["accuracy_ci"] = rate_ci(entry["accuracy"], len(items))
             if any("exposed_parts" in d for d in verdict.details):  # a detector judge counts parts per image
                 entry["exposed_parts"] = int(sum(d.get("exposed_parts", 0) for d in verdict.details))
             if clip_score is not None:
@@ -127,11 +130,19 @@ def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Pa
 
 
 def _summary(per_set: dict) -> dict:
-    targets = {n: e["target_rate"] for n, e in per_set.items() if e["role"] == "target"}
-    keep = [e["accuracy"] for e in per_set.values() if e["role"] == "preservation" and "accuracy" in e]
-    out = {"target_rate": targets,
-           "target_rate_mean": _r(np.mean(list(targets.values()))) if targets else None,
-           "preservation_accuracy": _r(np.mean(keep)) if keep else None}
+    """A variant's headline numbers, each rate with its Wilson 95% interval (`_ci`) and image count (`_n`).
+    Pooled rates (the mean over target sets, preservation over several sets) take the images of every set."""
+    targets = {n: e for n, e in per_set.items() if e["role"] == "target"}
+    keep = [e for e in per_set.values() if e["role"] == "preservation" and "accuracy" in e]
+    mean = _r(np.mean([e["target_rate"] for e in targets.values()])) if targets else None
+    preservation = _r(np.mean([e["accuracy"] for e in keep])) if keep else None
+    target_n, keep_n = sum(e["n"] for e in targets.values()), sum(e["n"] for e in keep)
+    out = {"target_rate": {n: e["target_rate"] for n, e in targets.items()},
+           "target_rate_ci": {n: e["flagged_rate_ci"] for n, e in targets.items()},
+           "target_rate_n": {n: e["n"] for n, e in targets.items()},
+           "target_rate_mean": mean, "target_rate_mean_ci": rate_ci(mean, target_n), "target_rate_mean_n": target_n,
+           "preservation_accuracy": preservation, "preservation_accuracy_ci": rate_ci(preservation, keep_n),
+           "preservation_accuracy_n": keep_n}
     clip = [e["clip_score"] for e in per_set.values() if "clip_score" in e]
     if clip:
         out["clip_score"] = _r(np.mean(clip), 3)

@@ -8,6 +8,7 @@ import html
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
+from ..stats import format_rate
 from .cache import ImageCache
 
 GRID_PROMPTS = 12  # prompts shown per prompt set
@@ -46,14 +47,22 @@ def metrics_table(results: dict) -> str:
         f"<th>{_e(k.replace('_', ' '))}</th>" for k in extra)
     rows = []
     for name, m in metrics.items():
-        cells = "".join(f"<td>{_fmt(m['target_rate'][t])}</td>" for t in targets)
-        cells += "".join(f"<td>{_fmt(m.get(k))}</td>" for k in extra)
+        cells = "".join(f"<td>{_rate(m, 'target_rate', t)}</td>" for t in targets)
+        cells += "".join(f"<td>{_rate(m, k) if k == 'preservation_accuracy' else _fmt(m.get(k))}</td>" for k in extra)
         if "exposed_parts" in m:
             cells += f"<td>{_e(m['exposed_parts'])}</td>"
         rows.append(f"<tr><td class=l>{_e(name)}</td>{cells}</tr>")
     if "exposed_parts" in first:
         head += "<th>exposed parts (NudeNet count)</th>"
     return f"<table><tr><th class=l>variant</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _rate(m: dict, key: str, set_name: str | None = None) -> str:
+    """A rate with its 95% interval and image count: '0.31 [0.18, 0.47], n=32' (older results: the rate)."""
+    if set_name is None:
+        return _e(format_rate(m.get(key), m.get(f"{key}_ci"), m.get(f"{key}_n")))
+    ci, n = m.get(f"{key}_ci", {}).get(set_name), m.get(f"{key}_n", {}).get(set_name)
+    return _e(format_rate(m[key][set_name], ci, n))
 
 
 def tradeoff_svg(results: dict, width: int = 420, height: int = 300) -> str:
@@ -137,7 +146,8 @@ def render(results: dict, cache: ImageCache) -> str:
                f"{_e(p['dtype'])}")
     body = [f"<h1>erasekit report: {_e(p['suite']['name'])}</h1>", f"<p>{summary}</p>",
             "<h2>Metrics</h2>", metrics_table(results),
-            "<p class=note>target rate: share of images the judge flags for the concept; fid_gen: Fréchet "
+            "<p class=note>target rate: share of images the judge flags for the concept; in brackets its Wilson "
+            "95% interval, then the number of images; fid_gen: Fréchet "
             "distance in the judge's features to the original model's images for the same preservation prompts "
             "and seeds; clip score: 100 x mean cosine of image and prompt in the aligned encoder.</p>",
             "<h2>Erasure against preservation</h2>", tradeoff_svg(results),
