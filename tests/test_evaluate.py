@@ -225,7 +225,7 @@ def test_nudenet_judge_without_the_extra_names_it(deltas, tmp_path, capsys, monk
 
 def test_limit_zero_is_refused(deltas, tmp_path, capsys):
     code, _, err = run(capsys, *evaluate_argv(deltas["red"], tmp_path / "o", 0))
-    assert code == 2 and "--limit 0 must be at least 1" in one_line_error(err)
+    assert code == 2 and "--limit: 0 must be at least 1" in one_line_error(err)
     assert not (tmp_path / "o").exists()
 
 

@@ -252,11 +252,10 @@ def test_bad_compositions_and_keys_are_named():
         methods.build_config(methods.get("uce+esd"), {"banana": "1"})
 
 
-def test_zero_steps_are_refused(model):
+def test_zero_steps_are_refused_when_the_settings_are_read():
     method = methods.get("esd")
-    cfg = methods.build_config(method, {"steps": "0", "progress": "false"}, testbed=True)
-    with pytest.raises(UserError, match="at least 1"):
-        method.erase(model, spec(), cfg)
+    with pytest.raises(UserError, match="steps: 0 must be at least 1"):
+        methods.build_config(method, {"steps": "0", "progress": "false"}, testbed=True)
 
 
 def test_score_changes_only_salient_entries_and_resumes_with_its_discriminator(model, tmp_path, monkeypatch):

@@ -407,9 +407,7 @@ def preflight(args) -> list[Path]:
         flag = "--" + attr.replace("_", "-")
         for value in flag_values(args, attr):
             path = Path(value)
-            if kind == "suite" and str(value).startswith("testbed:"):
-                continue
-            if kind in ("file", "suite") and not path.is_file():
+            if kind == "file" and not path.is_file():
                 raise UserError(f"{flag} {path} {'is a folder' if path.is_dir() else 'does not exist'}: "
                                 "give an existing file")
             if kind == "folder" and not path.is_dir():

@@ -8,7 +8,7 @@ from .. import arguments as types
 from ..errors import UserError
 
 # the paths evaluate and compare read and write, checked before any work (cli.preflight)
-RUN_PATHS = {"inputs": [("delta", "file"), ("real_images", "folder"), ("suite", "suite")],
+RUN_PATHS = {"inputs": [("delta", "file"), ("real_images", "folder")],  # load_suite checks --suite itself
              "outputs": [("out", "folder")]}
 
 
