@@ -229,16 +229,16 @@ def _unique(name: str, taken: set[str]) -> str:
 
 def require_suite_judge(suite: Suite, judge) -> Suite:
     """The suite with the concepts the judge looks for: a prompt file that names none takes the judge's one
-    concept (nudenet: nudity); a judge with several needs --concept."""
+    concept (nudenet: nudity); a judge with several, or one that reads concepts in words, needs --concept."""
+    from .judges import listing
+
     if not suite.concepts:
         if len(judge.concepts) != 1:
-            raise UserError(f"suite {suite.name} names no concept and judge {judge.name!r} knows several: "
-                            f"pass --concept (one of {', '.join(judge.concepts)})")
+            known = f"one of {listing(judge.concepts)}" if judge.concepts else "the concept in words"
+            raise UserError(f"suite {suite.name} names no concept and judge {judge.name!r} knows "
+                            f"{'several' if judge.concepts else 'any named one'}: pass --concept ({known})")
         return dataclasses.replace(suite, concepts=tuple(judge.concepts))
-    unknown = [c for c in suite.concepts if c not in judge.concepts]
-    if unknown:
-        raise UserError(f"judge {judge.name!r} cannot judge {', '.join(unknown)} (suite {suite.name}): "
-                        f"choose a judge with --judge that knows it")
+    judge.use_concepts(suite.concepts)
     return suite
 
 
