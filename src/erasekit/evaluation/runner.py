@@ -149,7 +149,10 @@ def generate_missing(model: Model, plan: Plan, cache: ImageCache, settings: Sett
 
 
 def protocol_record(model: Model, model_hash: str, variants: list[Variant], suite: Suite, judge,
-                    settings: Settings) -> dict:
+                    settings: Settings, quality=None) -> dict:
+    from .measure import Quality
+
+    quality = quality or Quality()
     return {
         "model": {**model.identity(), "weights_hash": model_hash},
         "variants": [v.record() for v in variants],
@@ -160,13 +163,14 @@ def protocol_record(model: Model, model_hash: str, variants: list[Variant], suit
         "suite": suite.record(),
         "seeds": {s.name: [p.seed for p in s.prompts] for s in suite.sets},
         "judge": judge.record(),
+        **quality.record(model, judge),
         "packages": package_versions(),
     }
 
 
 def evaluate(model: Model, variants: list[Variant], suite: Suite, judge, out: Path, settings: Settings,
              resume: bool = False, overwrite: bool = False, real_images: Path | None = None,
-             progress: bool = True) -> dict | None:
+             progress: bool = True, quality=None) -> dict | None:
     """Run the evaluation into out; returns the results on the main process (None on the others)."""
     from .measure import measure
     from .report import write_report
@@ -175,7 +179,7 @@ def evaluate(model: Model, variants: list[Variant], suite: Suite, judge, out: Pa
     main = state is None or state.is_main_process
     start = time.time()
     model_hash = weights_hash(model)
-    protocol = protocol_record(model, model_hash, variants, suite, judge, settings)
+    protocol = protocol_record(model, model_hash, variants, suite, judge, settings, quality)
     if main:
         check_run_dir(out, protocol, resume=resume, overwrite=overwrite, protected=_protected(model))
     if state is not None:
@@ -188,7 +192,7 @@ def evaluate(model: Model, variants: list[Variant], suite: Suite, judge, out: Pa
         state.wait_for_everyone()
     if not main:
         return None
-    results = {"protocol": protocol, **measure(model, plan, cache, suite, judge, real_images)}
+    results = {"protocol": protocol, **measure(model, plan, cache, suite, judge, real_images, quality)}
     atomic_write_json(out / RESULTS, results)
     write_report(out / REPORT, results, cache)
     timing = {"wall_time_s": round(time.time() - start, 1), "images_planned": len(plan.items),
