@@ -47,6 +47,8 @@ def _accuracy(details: list[dict], prompts) -> dict[str, float] | None:
     if not prompts or not all(p.values for p in prompts):
         return None
     attrs = list(prompts[0].values)
+    if not all(a in d.get("values", d) for d in details for a in attrs):
+        return None  # the judge predicts no such attribute (a detector, CLIP)
     hits = {a: 0 for a in attrs}
     for d, p in zip(details, prompts):
         predicted = d.get("values", d)
