@@ -62,6 +62,10 @@ def test_classifier_flags_the_top_k_label(folders, test_images):
     details = judge.details(test_images)
     assert [d["values"]["label"] for d in details] == ["red"] * 4 + ["navy-blue"] * 4
     assert judge.features(test_images).shape == (8, 16)  # the classification head's input
+    renamed = get_judge(f"classifier:{folders['classifier']}", label="navy-blue")  # the prompts' "blue"
+    renamed.use_concepts(["blue"])
+    assert renamed.flags(test_images, "blue").tolist() == [not r for r in IS_RED]
+    assert renamed.record()["label"] == "navy-blue" and renamed.record()["class_ids"] == {"blue": [1]}
     every = get_judge(f"classifier:{folders['classifier']}", top_k=3)  # all three classes: every image
     assert every.flags(test_images, "red").all()
     strict = get_judge(f"classifier:{folders['classifier']}", top_k="3", threshold=0.5)  # top-3 and p > 0.5
@@ -89,6 +93,8 @@ def test_classifier_bad_input_is_one_line(folders, tmp_path):
         (lambda: get_judge(f"classifier:{path}", top_k=4), "more than the classifier's 3 classes"),
         (lambda: get_judge(f"classifier:{path}", labels="imagenette"), "needs an ImageNet-1k classifier"),
         (lambda: get_judge(f"classifier:{path}", colour=1), "has no option colour"),
+        (lambda: get_judge(f"classifier:{path}", label="cyan"), "has no label 'cyan'"),
+        (lambda: get_judge(f"classifier:{path}", label="green").use_concepts(["a", "b"]), "for one concept"),
         (lambda: get_judge("classifier:"), "names no folder"),
         (lambda: get_judge(f"classifier:{tmp_path / 'none'}"), "does not exist"),
     ]

@@ -2,7 +2,8 @@
 
 - `classifier:PATH` (`ClassifierJudge`): any image-classification model. An image is flagged for a concept when
   the concept's label is among its top-k classes (k = 1 by default; top_k=3 for the style classifiers' top-3)
-  and, when a threshold above 0 is set, its probability exceeds it. Labels: see `labels.py`.
+  and, when a threshold above 0 is set, its probability exceeds it. Labels: see `labels.py`; label=NAME reads
+  the one concept as the classifier's label NAME (an artist classifier's "vincent-van-gogh" for "Van Gogh").
 - `clip:PATH` (`ClipJudge`): zero-shot CLIP for any concept named in words. The image's softmax over
   [concept prompt, anchor prompt (when given), neutral prompt] at CLIP's own logit scale gives the score of the
   concept prompt; flagged above the threshold (0.5 by default).
@@ -39,7 +40,8 @@ class ClassifierJudge(Judge):
     (0 by default: in the top-k is enough). Features (for FID) are the input of the model's classification head.
     """
 
-    def __init__(self, path, top_k=1, threshold=0.0, labels: str = "model", batch_size=16, device=None):
+    def __init__(self, path, top_k=1, threshold=0.0, labels: str = "model", label: str = "", batch_size=16,
+                 device=None):
         from transformers import AutoModelForImageClassification
 
         self.folder = VisionFolder(path, "classifier judge")
@@ -58,6 +60,10 @@ class ClassifierJudge(Judge):
                             "pass a smaller top_k")
         self.labels = label_set(str(labels), id2label)
         self.num_classes = len(id2label)
+        self.label = str(label).strip()  # the classifier's name for the (one) concept, when the prompts call it else
+        if self.label and self.labels.resolve(self.label) is None:
+            raise UserError(f"classifier {self.folder.path} has no label {self.label!r} (label set {self.labels.name}: "
+                            f"{listing(self.labels.concepts)}): give label= one of its labels")
         self.targets = {c: self.labels.resolve(c) for c in dict.fromkeys(self.labels.concepts)}
         self.concepts = tuple(self.targets)
         self._head_input: list[torch.Tensor] = []
@@ -69,13 +75,16 @@ class ClassifierJudge(Judge):
     def check_concept(self, concept: str) -> None:
         if concept in self.targets:
             return
-        ids = self.labels.resolve(concept)
+        ids = self.labels.resolve(self.label or concept)
         if ids is None:
             raise UserError(f"classifier {self.folder.path} has no label {concept!r} (label set {self.labels.name}: "
                             f"{listing(self.labels.concepts)}): name one of its labels with --concept")
         self.targets[concept] = ids
 
     def use_concepts(self, concepts) -> None:
+        if self.label and len(set(concepts)) > 1:
+            raise UserError(f"label={self.label!r} names the classifier's label for one concept, not for "
+                            f"{len(set(concepts))}: drop label= or judge one concept")
         for concept in concepts:
             self.check_concept(concept)
         self.targets = {c: self.targets[c] for c in dict.fromkeys(concepts)}
@@ -127,6 +136,7 @@ class ClassifierJudge(Judge):
 
     def record(self) -> dict:
         return {"name": self.name, "kind": "classifier", "threshold": self.threshold, "top_k": self.top_k,
+                "label": self.label or None,
                 "class_set": self.labels.record(), "concepts": list(self.concepts),
                 "class_ids": {c: list(ids) for c, ids in self.targets.items()},
                 "score": f"softmax probability of the concept's label when it is among the top {self.top_k}, else 0; "
