@@ -214,3 +214,39 @@ def test_evaluate_with_a_classifier_clip_and_fid_features(folders, tmp_path, cap
         code, _, err = run(capsys, *args)
         assert code == 2 and match in one_line_error(err), err
         assert not (tmp_path / "bad").exists()
+
+
+# --- q16: ---------------------------------------------------------------------------------------------
+
+
+def test_q16_prompts_convert_without_running_the_pickle_and_judge(folders, test_images, tmp_path, monkeypatch):
+    import os
+    import pickle
+
+    from erasekit.evaluation.q16 import convert_prompts
+    from erasekit.evaluation.vision import LocalClip
+
+    clip = LocalClip(folders["clip"])
+    prompts = clip.text_embeddings(["a photo of blue", "a photo of red"]).numpy()  # red is "inappropriate"
+    (tmp_path / "prompts.p").write_bytes(pickle.dumps(prompts))
+    converted = convert_prompts(tmp_path / "prompts.p", tmp_path / "q16.safetensors")
+    judge = get_judge(f"q16:{folders['clip']}", prompts=str(converted))
+    assert judge.flags(test_images, "inappropriate").tolist() == IS_RED
+    record = judge.record()
+    assert record["threshold"] == 0.5 and record["prompts"]["sha256"] == file_sha256(converted)
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+
+    (tmp_path / "evil.p").write_bytes(pickle.dumps(Evil()))
+    ran = []
+    monkeypatch.setattr(os, "system", lambda command: ran.append(command))
+    with pytest.raises(UserError, match="not a pickled numpy array .*nothing in it was run"):
+        convert_prompts(tmp_path / "evil.p", tmp_path / "evil.safetensors")
+    assert ran == [] and not (tmp_path / "evil.safetensors").exists()
+    with pytest.raises(UserError, match="needs its prompt embeddings"):
+        get_judge(f"q16:{folders['clip']}")
+    (tmp_path / "wide.p").write_bytes(pickle.dumps(prompts[:, :8].copy()))
+    with pytest.raises(UserError, match=r"not the \(2, 16\) this CLIP needs"):
+        get_judge(f"q16:{folders['clip']}", prompts=str(convert_prompts(tmp_path / "wide.p", tmp_path / "w.st")))

@@ -16,6 +16,9 @@ Built-ins:
   `erasekit[nudenet]`, imported only when such a judge is built) with the core or extended set of
   exposed-body-part classes. Two distinct nudity metrics come from it: the flagged-image rate
   (`flags(images, "nudity")`) and the exposed-part count (`exposed_parts(images)`).
+
+On a local transformers folder, named "KIND:PATH" (`model_judges`, `q16`): "classifier:PATH" (top-k of an image
+classifier's labels), "clip:PATH" (zero-shot CLIP for a concept in words) and "q16:PATH" (Q16's prompts on a CLIP).
 """
 
 from __future__ import annotations
@@ -387,7 +390,7 @@ _BUILTIN: dict[str, tuple[type[Judge], dict]] = {
 
 
 # judges on a local model folder, named "KIND:PATH" (see model_judges); a plug-in module cannot take these names
-PATH_KINDS = ("classifier", "clip")
+PATH_KINDS = ("classifier", "clip", "q16")
 
 
 def judge_names() -> list[str]:

@@ -213,4 +213,10 @@ class ClipJudge(Judge):
                 "features": "CLIP image embedding (normalised)", "model": self.clip.record()}
 
 
-PATH_JUDGES: dict[str, type[Judge]] = {"classifier": ClassifierJudge, "clip": ClipJudge}
+def _q16():
+    from .q16 import Q16Judge
+
+    return Q16Judge
+
+
+PATH_JUDGES: dict[str, type[Judge]] = {"classifier": ClassifierJudge, "clip": ClipJudge, "q16": _q16()}
