@@ -10,7 +10,6 @@ loaded). Images are given to the folder's own image processor (transformers' PIL
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from functools import cached_property
@@ -228,8 +227,3 @@ class ImageFeatures:
 
     def record(self) -> dict:
         return {"source": "model folder", "features": self.kind, "model": self.folder.record()}
-
-
-def config_hash(config: dict) -> str:
-    """sha256 of a JSON-able dict (sorted keys), for records of settings."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
