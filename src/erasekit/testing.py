@@ -85,3 +85,103 @@ def make_tiny_ip_adapter(path: Path, cross_attention_dim: int = 32, tokens: int 
     else:
         torch.save({"image_proj": image_proj, "ip_adapter": adapter}, path / "ip-adapter_sd15.bin")
     return path
+
+
+# --- tiny vision models for judges and metrics ------------------------------------------------------------------
+
+
+def _pixel_values(processor, images: torch.Tensor) -> torch.Tensor:
+    """Float images (N, 3, H, W) in [0, 1] through an image processor, as the judges give them (8-bit arrays)."""
+    arrays = list(images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return processor(images=arrays, return_tensors="pt")["pixel_values"]
+
+
+def _fit(model, loss_of, steps: int, lr: float) -> None:
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_of().backward()
+        optimizer.step()
+    model.eval()
+
+
+def make_tiny_classifier(path: Path, labels: list[str], kind: str = "resnet", examples=None, steps: int = 60,
+                         seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny image classifier folder (ResNet or ViT, random), with id2label from labels and a 32-pixel image
+    processor; examples [(images (N, 3, H, W) in [0, 1], label index)] fit it to them in `steps` Adam steps."""
+    from transformers import (
+        ResNetConfig,
+        ResNetForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(seed)
+    id2label = dict(enumerate(labels))
+    label2id = {v: k for k, v in id2label.items()}
+    if kind == "resnet":
+        model = ResNetForImageClassification(ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", id2label=id2label,
+            label2id=label2id))
+    elif kind == "vit":
+        model = ViTForImageClassification(ViTConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=image_size,
+            patch_size=8, id2label=id2label, label2id=label2id))
+    else:
+        raise ValueError(f"kind must be resnet or vit, not {kind!r}")
+    processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
+    if examples:
+        pixels = torch.cat([_pixel_values(processor, x) for x, _ in examples])
+        targets = torch.cat([torch.full((x.shape[0],), int(i)) for x, i in examples])
+        _fit(model, lambda: torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, targets), steps, 1e-2)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def make_tiny_clip(path: Path, pairs=None, steps: int = 80, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny CLIP folder (model, tokenizer, image processor; random); pairs [(images (N, 3, H, W), text)] fit it
+    contrastively so that each image's own text scores highest among the pairs' texts."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16)
+    model = CLIPModel(config)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    if pairs:
+        pixels = torch.cat([_pixel_values(processor, x) for x, _ in pairs])
+        targets = torch.cat([torch.full((x.shape[0],), i) for i, (x, _) in enumerate(pairs)])
+        tokens = tokenizer([t for _, t in pairs], padding=True, return_tensors="pt")
+
+        def loss():
+            out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+            return torch.nn.functional.cross_entropy(out.logits_per_image, targets)
+
+        _fit(model, loss, steps, 3e-3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def make_tiny_dinov2(path: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random DINOv2 folder (model and image processor) for Fréchet-distance features."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+                                     image_size=image_size, patch_size=8))
+    model.save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": image_size},
+                      crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path

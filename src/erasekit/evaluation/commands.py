@@ -8,7 +8,8 @@ from .. import arguments as types
 from ..errors import UserError
 
 # the paths evaluate and compare read and write, checked before any work (cli.preflight)
-RUN_PATHS = {"inputs": [("delta", "file"), ("real_images", "folder")],  # load_suite checks --suite itself
+RUN_PATHS = {"inputs": [("delta", "file"), ("real_images", "folder"), ("clip", "folder"),
+                        ("fid_features", "folder")],  # load_suite checks --suite itself
              "outputs": [("out", "folder")]}
 
 
@@ -21,10 +22,14 @@ def add_run_args(p, samples: int = 64) -> None:
     p.add_argument("--samples", type=types.count, default=samples,
                    help=f"testbed suites: prompts per prompt set (default {samples})")
     p.add_argument("--concept", help="the concept a CSV suite targets (default: from the file's layout)")
-    p.add_argument("--judge", help="testbed, nudenet, nudenet-extended or a plug-in module:attr (default: the "
-                   "suite's); a plug-in imports that module, which runs its code: name only code you trust. erasekit "
-                   "then calls only a Judge subclass or a function marked @erasekit.judge_factory")
+    p.add_argument("--judge", help="testbed, nudenet, nudenet-extended, classifier:FOLDER or clip:FOLDER (a local "
+                   "transformers image classifier or CLIP folder), or a plug-in module:attr (default: the suite's); a "
+                   "plug-in imports that module, which runs its code: name only code you trust. erasekit then calls "
+                   "only a Judge subclass or a function marked @erasekit.judge_factory")
     p.add_argument("--threshold", type=types.fraction, help="the judge's threshold (default: the judge's own)")
+    p.add_argument("--judge-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the judge (repeatable), e.g. top_k=3 or labels=imagenette for classifier:, "
+                   "anchor=... or template=... for clip:; whole numbers and decimals are read as numbers")
     p.add_argument("--steps", type=types.count, help="sampler steps (default: the model's)")
     p.add_argument("--guidance", type=types.finite, help="guidance scale when a prompt has none (default: the model's)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image (default none)")
@@ -36,6 +41,10 @@ def add_run_args(p, samples: int = 64) -> None:
 def add_common(p) -> None:
     add_run_args(p)
     p.add_argument("--real-images", help="a folder of real images for FID_real")
+    p.add_argument("--clip", help="a local CLIP model folder (e.g. openai/clip-vit-large-patch14 saved there): CLIP "
+                   "score, 100 * max(cos, 0), of every image against its prompt (the testbed has its own)")
+    p.add_argument("--fid-features", help="a local CLIP or DINOv2 folder whose image embeddings FID_gen and FID_real "
+                   "use (default: the judge's own features)")
 
 
 def add_parsers(sub, model_arg) -> None:
@@ -71,7 +80,9 @@ def build_run(args):
     judge_name = args.judge or suite.judge
     if not judge_name:
         raise UserError(f"suite {suite.name} names no judge: pass --judge (testbed, nudenet, or module:attr)")
-    options = {} if args.threshold is None else {"threshold": args.threshold}
+    options = judge_options(getattr(args, "judge_option", None) or [])
+    if args.threshold is not None:
+        options["threshold"] = args.threshold
     judge = get_judge(judge_name, **options)
     suite = require_suite_judge(suite, judge)
     variants = load_variants(args.delta or [], stacked=args.stacked)
@@ -85,13 +96,46 @@ def build_run(args):
     return model, variants, suite, judge, settings
 
 
+def judge_options(items: list[str]) -> dict:
+    """--judge-option KEY=VALUE items as a dict; whole numbers become ints and decimals floats."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--judge-option {item!r} is not KEY=VALUE: write e.g. --judge-option top_k=3")
+        if key in options:
+            raise UserError(f"--judge-option {key} is given twice: give each option once")
+        options[key] = _option_value(value.strip())
+    return options
+
+
+def _option_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def quality_metrics(args):
+    """The CLIP scorer and FID feature model the arguments name (each None when not asked for)."""
+    from .measure import Quality
+    from .vision import ClipScorer, ImageFeatures
+
+    return Quality(clip=ClipScorer(args.clip) if getattr(args, "clip", None) else None,
+                   fid_features=ImageFeatures(args.fid_features) if getattr(args, "fid_features", None) else None)
+
+
 def cmd_evaluate(args) -> None:
     from .runner import evaluate
 
+    quality = quality_metrics(args)
     model, variants, suite, judge, settings = build_run(args)
     out = Path(args.out)
     results = evaluate(model, variants, suite, judge, out, settings, resume=args.resume, overwrite=args.overwrite,
-                       real_images=Path(args.real_images) if args.real_images else None)
+                       real_images=Path(args.real_images) if args.real_images else None, quality=quality)
     if results is None:
         return
     from ..stats import format_rate
@@ -102,7 +146,8 @@ def cmd_evaluate(args) -> None:
         extra = "" if m.get("preservation_accuracy") is None else (
             f"; preservation {format_rate(m['preservation_accuracy'], m['preservation_accuracy_ci'])}")
         fid = "" if m.get("fid_gen") is None else f"; FID_gen {m['fid_gen']:.3f}"
-        print(f"{name}: target rate {rates}{extra}{fid}")
+        clip = "" if m.get("clip_score") is None else f"; CLIP score {m['clip_score']:.2f}"
+        print(f"{name}: target rate {rates}{extra}{fid}{clip}")
     t = results["_timing"]
     print(f"{t['images_generated_here']} images generated, {t['images_cached_before']} reused, "
           f"{t['wall_time_s']} s; wrote {out / 'results.json'} and {out / 'report.html'}")

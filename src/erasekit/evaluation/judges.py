@@ -16,6 +16,9 @@ Built-ins:
   `erasekit[nudenet]`, imported only when such a judge is built) with the core or extended set of
   exposed-body-part classes. Two distinct nudity metrics come from it: the flagged-image rate
   (`flags(images, "nudity")`) and the exposed-part count (`exposed_parts(images)`).
+
+On a local transformers folder, named "KIND:PATH" (`model_judges`, `q16`): "classifier:PATH" (top-k of an image
+classifier's labels), "clip:PATH" (zero-shot CLIP for a concept in words) and "q16:PATH" (Q16's prompts on a CLIP).
 """
 
 from __future__ import annotations
@@ -80,7 +83,15 @@ class Judge(ABC):
     def check_concept(self, concept: str) -> None:
         """Raise a UserError unless this judge can judge concept."""
         if concept not in self.concepts:
-            raise UserError(f"judge {self.name!r} cannot judge {concept!r}; its concepts: {', '.join(self.concepts)}")
+            raise UserError(f"judge {self.name!r} cannot judge {concept!r} (its concepts: {listing(self.concepts)}): "
+                            "choose a judge with --judge that knows it")
+
+    def use_concepts(self, concepts) -> None:
+        """Get ready to judge these concepts (a suite's). The default checks that each is one of
+        `self.concepts`; judges that read concepts in words (a classifier's labels, CLIP prompts) override it
+        to take them, after which `self.concepts` holds them."""
+        for concept in concepts:
+            self.check_concept(concept)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, threshold={self.threshold})"
@@ -108,6 +119,13 @@ def as_images(images) -> torch.Tensor:
         raise UserError(f"a judge takes float images (N, 3, H, W) in [0, 1]; got {images.dtype} "
                         f"{tuple(images.shape)}")
     return images.detach().float().clamp(0.0, 1.0)
+
+
+def listing(names, most: int = 12) -> str:
+    """Names joined by commas, the first `most` of them and how many more."""
+    names = list(names)
+    shown = ", ".join(str(n) for n in names[:most])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > most else "") if names else "none"
 
 
 def check_threshold(value) -> float:
@@ -371,8 +389,12 @@ _BUILTIN: dict[str, tuple[type[Judge], dict]] = {
 }
 
 
+# judges on a local model folder, named "KIND:PATH" (see model_judges); a plug-in module cannot take these names
+PATH_KINDS = ("classifier", "clip", "q16")
+
+
 def judge_names() -> list[str]:
-    """The built-in judge names (plug-ins are named "package.module:attr" instead)."""
+    """The built-in judge names (model-folder judges are named "KIND:PATH", plug-ins "package.module:attr")."""
     return sorted(_BUILTIN)
 
 
@@ -458,7 +480,16 @@ def get_judge(name: str, **options) -> Judge:
         cls, fixed = _BUILTIN[name]
         _check_options(name, cls, options, fixed)
         return cls(**fixed, **options)
+    kind, _, path = name.partition(":")
+    if kind in PATH_KINDS:
+        from .model_judges import PATH_JUDGES
+
+        if not path.strip():
+            raise UserError(f"judge {name!r} names no folder: write {kind}:PATH with a local model folder")
+        cls = PATH_JUDGES[kind]
+        _check_options(name, cls, options, {"path": path})
+        return cls(path, **options)
     if ":" in name:
         return _load_plugin(name, options)
     raise UserError(f"unknown judge {name!r}: use one of {', '.join(judge_names())}, "
-                    f"or a plug-in written 'package.module:attr'")
+                    f"{', '.join(k + ':PATH' for k in PATH_KINDS)}, or a plug-in written 'package.module:attr'")

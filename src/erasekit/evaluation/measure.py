@@ -7,6 +7,7 @@ the original model's images for the same prompts and seeds, `fid_real` with a fo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from ..metrics import frechet_distance
 from ..model import Model
 from ..stats import rate_ci
 from .cache import ImageCache
+from .labels import label_key
 
 
 def _r(x: float | None, digits: int = 4) -> float | None:
@@ -46,12 +48,49 @@ def _accuracy(details: list[dict], prompts) -> dict[str, float] | None:
     if not prompts or not all(p.values for p in prompts):
         return None
     attrs = list(prompts[0].values)
+    if not all(a in d.get("values", d) for d in details for a in attrs):
+        return None  # the judge predicts no such attribute (a detector, CLIP)
     hits = {a: 0 for a in attrs}
     for d, p in zip(details, prompts):
         predicted = d.get("values", d)
         for a in attrs:
-            hits[a] += int(predicted.get(a) == p.values[a])
+            hits[a] += int(label_key(predicted.get(a, "")) == label_key(p.values[a]))
     return {a: hits[a] / len(prompts) for a in attrs}
+
+
+TESTBED_CLIP = {"model": "the testbed's CLIP (erasekit.testbed.clip)",
+                "score": "mean over images of 100 * max(cos(image, prompt), 0)", "scale": 100.0}
+
+
+@dataclass
+class Quality:
+    """The image-quality measurements a run makes besides its judge: a CLIP scorer (a `vision.ClipScorer`;
+    the testbed's own CLIP when None on the testbed) and FID features (a `vision.ImageFeatures`; the judge's
+    own features when None)."""
+
+    clip: object | None = None
+    fid_features: object | None = None
+
+    def clip_scorer(self, model: Model):
+        return self.clip if self.clip is not None else _clip_scorer(model)
+
+    def features(self, judge, verdict, images) -> torch.Tensor | None:
+        return self.fid_features(images) if self.fid_features is not None else verdict.features
+
+    def real_features(self, judge, images) -> torch.Tensor | None:
+        return self.fid_features(images) if self.fid_features is not None else judge.features(images)
+
+    def record(self, model: Model, judge) -> dict:
+        """{"clip_score": what scores image-text alignment (None: nothing), "fid_features": what FID uses}."""
+        if self.clip is not None:
+            clip = self.clip.record()
+        else:
+            clip = TESTBED_CLIP if model.name == "testbed" else None
+        if self.fid_features is not None:
+            features = self.fid_features.record()
+        else:
+            features = {"source": "judge", "judge": judge.name}
+        return {"clip_score": clip, "fid_features": features}
 
 
 def _clip_scorer(model: Model):
@@ -83,10 +122,11 @@ def read_real_images(folder: Path, size: tuple[int, int]) -> torch.Tensor:
 
 
 def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Path | None = None,
-            settings=None) -> dict:
+            quality: Quality | None = None, settings=None) -> dict:
     """{"metrics": per variant, "images": one record per image (with the seed, steps and guidance it was made
     with: a suite's per-row guidance differs from the default) for a run whose images are all cached."""
-    clip_score = _clip_scorer(model)
+    quality = quality or Quality()
+    clip_score = quality.clip_scorer(model)
     features: dict[str, list[torch.Tensor]] = {}
     metrics, records = {}, []
     size = None
@@ -112,10 +152,11 @@ def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Pa
                 entry["exposed_parts"] = int(sum(d.get("exposed_parts", 0) for d in verdict.details))
             if clip_score is not None:
                 entry["clip_score"] = _r(clip_score(images, [p.text for p in prompts]), 3)
-            f = verdict.features
-            if f is not None and (pset.role == "preservation" or not any(s.role == "preservation"
-                                                                       for s in suite.sets)):
-                feats.append(f.detach().float().cpu())
+            # FID on the preservation sets (on every set when there is none)
+            if pset.role == "preservation" or not any(s.role == "preservation" for s in suite.sets):
+                f = quality.features(judge, verdict, images)
+                if f is not None:
+                    feats.append(f.detach().float().cpu())
             per_set[pset.name] = entry
             for item, (flag, score) in zip(items, flags):
                 made = {} if settings is None else {k: v for k, v in settings.for_prompt(item.prompt).items()
@@ -125,7 +166,7 @@ def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Pa
                                 "flagged": bool(flag), "score": _r(score)})
         features[variant.name] = feats
         metrics[variant.name] = _summary(per_set)
-    _add_frechet(metrics, features, plan.variants[0].name, real_images, size, judge)
+    _add_frechet(metrics, features, plan.variants[0].name, real_images, size, judge, quality)
     return {"metrics": metrics, "images": records}
 
 
@@ -152,11 +193,11 @@ def _summary(per_set: dict) -> dict:
     return out
 
 
-def _add_frechet(metrics: dict, features: dict, reference: str, real_images, size, judge) -> None:
+def _add_frechet(metrics: dict, features: dict, reference: str, real_images, size, judge, quality) -> None:
     ref = torch.cat(features[reference]) if features.get(reference) else None
     real = None
     if real_images is not None and ref is not None:
-        real = judge.features(read_real_images(Path(real_images), size)).detach().float().cpu()
+        real = quality.real_features(judge, read_real_images(Path(real_images), size)).detach().float().cpu()
     for name, feats in features.items():
         if not feats or ref is None:
             metrics[name]["fid_gen"] = None

@@ -164,7 +164,10 @@ def generate_missing(model: Model, plan: Plan, cache: ImageCache, settings: Sett
 
 
 def protocol_record(model: Model, model_hash: str, variants: list[Variant], suite: Suite, judge,
-                    settings: Settings) -> dict:
+                    settings: Settings, quality=None) -> dict:
+    from .measure import Quality
+
+    quality = quality or Quality()
     return {
         "model": {**model.identity(), "weights_hash": model_hash},
         "variants": [v.record() for v in variants],
@@ -175,13 +178,14 @@ def protocol_record(model: Model, model_hash: str, variants: list[Variant], suit
         "suite": suite.record(),
         "seeds": {s.name: [p.seed for p in s.prompts] for s in suite.sets},
         "judge": judge.record(),
+        **quality.record(model, judge),
         "packages": package_versions(),
     }
 
 
 def evaluate(model: Model, variants: list[Variant], suite: Suite, judge, out: Path, settings: Settings,
              resume: bool = False, overwrite: bool = False, real_images: Path | None = None,
-             progress: bool = True) -> dict | None:
+             progress: bool = True, quality=None) -> dict | None:
     """Run the evaluation into out; returns the results on the main process (None on the others)."""
     from .measure import measure
     from .report import write_report
@@ -190,7 +194,7 @@ def evaluate(model: Model, variants: list[Variant], suite: Suite, judge, out: Pa
     main = state is None or state.is_main_process
     start = time.time()
     model_hash = weights_hash(model)
-    protocol = protocol_record(model, model_hash, variants, suite, judge, settings)
+    protocol = protocol_record(model, model_hash, variants, suite, judge, settings, quality)
     if main:
         check_run_dir(out, protocol, resume=resume, overwrite=overwrite, protected=_protected(model))
     if state is not None:
@@ -203,7 +207,7 @@ def evaluate(model: Model, variants: list[Variant], suite: Suite, judge, out: Pa
         state.wait_for_everyone()
     if not main:
         return None
-    results = {"protocol": protocol, **measure(model, plan, cache, suite, judge, real_images, settings)}
+    results = {"protocol": protocol, **measure(model, plan, cache, suite, judge, real_images, quality, settings)}
     atomic_write_json(out / RESULTS, results)
     write_report(out / REPORT, results, cache)
     timing = {"wall_time_s": round(time.time() - start, 1), "images_planned": len(plan.items),
@@ -244,16 +248,16 @@ def _unique(name: str, taken: set[str]) -> str:
 
 def require_suite_judge(suite: Suite, judge) -> Suite:
     """The suite with the concepts the judge looks for: a prompt file that names none takes the judge's one
-    concept (nudenet: nudity); a judge with several needs --concept."""
+    concept (nudenet: nudity); a judge with several, or one that reads concepts in words, needs --concept."""
+    from .judges import listing
+
     if not suite.concepts:
         if len(judge.concepts) != 1:
-            raise UserError(f"suite {suite.name} names no concept and judge {judge.name!r} knows several: "
-                            f"pass --concept (one of {', '.join(judge.concepts)})")
+            known = f"one of {listing(judge.concepts)}" if judge.concepts else "the concept in words"
+            raise UserError(f"suite {suite.name} names no concept and judge {judge.name!r} knows "
+                            f"{'several' if judge.concepts else 'any named one'}: pass --concept ({known})")
         return dataclasses.replace(suite, concepts=tuple(judge.concepts))
-    unknown = [c for c in suite.concepts if c not in judge.concepts]
-    if unknown:
-        raise UserError(f"judge {judge.name!r} cannot judge {', '.join(unknown)} (suite {suite.name}): "
-                        f"choose a judge with --judge that knows it")
+    judge.use_concepts(suite.concepts)
     return suite
 
 

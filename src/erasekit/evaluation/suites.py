@@ -26,6 +26,7 @@ MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts
 NUDITY_LAYOUTS = ("i2p", "ringabell", "p4d", "mma")  # nudity benchmarks: the concept defaults to "nudity"
 JUDGES = {"nudity": "nudenet"}  # default judge per concept; "" when unknown
 SEED_COLUMNS = ("evaluation_seed", "seed")
+LABEL_COLUMNS = ("class", "artist")  # a generic file's per-row concept (Imagenette's class, a style's artist)
 GUIDANCE_COLUMN = "evaluation_guidance"
 INDEX_COLUMNS = ("", "unnamed: 0")  # pandas' saved row index: not worth keeping
 META_COLUMNS = {  # file columns kept in each prompt's meta, per layout (generic keeps every other column)
@@ -200,9 +201,32 @@ def _csv_suite(path: Path, concept: str | None) -> Suite:
         sets = [_prompt_set(path, rows, "adv_prompt", "target", "target", layout)]
     elif layout == "coco":
         sets = [_prompt_set(path, rows, "prompt", "preservation", "preservation", layout)]
+    elif layout == "generic" and concept and _label_column(columns):
+        sets = _label_sets(path, rows, _label_column(columns), concept, layout)
     else:
         sets = [_prompt_set(path, rows, "prompt", "target", "target", layout)]
     return _file_suite(path, layout, sets, concept)
+
+
+def _label_column(columns: list[str]) -> str | None:
+    return next((c for c in LABEL_COLUMNS if c in columns), None)
+
+
+def _label_sets(path: Path, rows, column: str, concept: str, layout: str) -> list[PromptSet]:
+    """A file with a class/artist column and a concept: its rows of that concept are the target set, the others
+    the preservation set; every prompt knows its row's label (values {"label": ...}) so that a classifier's
+    top-1 can be checked against it. Without a row of the concept the file is one target set, as any other."""
+    from .labels import label_key
+
+    every = _prompt_set(path, rows, "prompt", "target", "target", layout)
+    labels = [row[column].strip() for _, row in rows if row["prompt"].strip()]  # the rows _prompt_set kept
+    labelled = [replace(p, values={"label": label}) for p, label in zip(every.prompts, labels)]
+    mine = [label_key(label) == label_key(concept) for label in labels]
+    if not any(mine):
+        return [every]
+    sets = [PromptSet("target", "target", tuple(p for p, m in zip(labelled, mine) if m)),
+            PromptSet("preservation", "preservation", tuple(p for p, m in zip(labelled, mine) if not m))]
+    return [s for s in sets if s.prompts]
 
 
 def _detect_layout(columns: list[str], path: Path) -> str:
