@@ -152,8 +152,8 @@ def build_spec(args, cfg=None):
             raise UserError("--testbed-spec sets synonyms, anchors, preserve concepts and templates itself: "
                             "drop --anchor/--preserve/--templates and the ':synonyms', or drop --testbed-spec")
         return erasure_spec([t.name for t in targets], cfg)
-    data = {"targets": targets, "anchors": args.anchor if args.anchor is not None else [""],
-            "preserve": args.preserve or [], "expand": args.expand}
+    data = {"targets": targets, "anchors": args.anchor, "preserve": args.preserve or [], "expand": args.expand,
+            "expansion": args.expansion}
     if args.templates:
         data["templates"] = args.templates
     return ConceptSpec(**data)
@@ -184,6 +184,11 @@ def cmd_erase(args) -> None:
     method = methods.get(args.method)
     values = read_mapping(args.config, "config file") if args.config else {}
     values.update(key_values(args.set, "--set"))
+    values, spec_values = methods.spec_settings(method, values, source=args.config or "--set")
+    if spec_values.get("anchor") is not None:
+        if args.anchor is not None or args.spec or args.testbed_spec:
+            raise UserError("guided_concepts sets the anchor: drop it, or drop --anchor/--spec/--testbed-spec")
+        args.anchor = spec_values["anchor"]
     cfg = methods.build_config(method, values, source=args.config or "--set", testbed=is_testbed(args.model))
     spec = build_spec(args, cfg)
     check_setting_paths(cfg, args.model)
@@ -306,10 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append",
                    help="a target concept, optionally with synonyms: 'star' or 'star:five-pointed star,starburst' "
                         "(repeatable)")
-    p.add_argument("--anchor", action="append", help="the anchor/guide concept (one, or one per target; default '')")
+    p.add_argument("--anchor", action="append",
+                   help="the anchor/guide concept (one, or one per target; default '', 'art' with --templates art)")
     p.add_argument("--preserve", action="append", help="a concept to preserve (repeatable)")
     p.add_argument("--expand", action="store_true", help="expand every phrase with the prompt templates")
     p.add_argument("--templates", help="template set for --expand: object (default) or art")
+    p.add_argument("--expansion", default="uce", help="--expand's rule: uce (the public UCE code's: bare phrase plus "
+                   "templates, preserve concepts as given; default) or templates (templated prompts only, for all)")
     p.add_argument("--testbed-spec", action="store_true",
                    help="testbed only: the spec of its experiments (training synonyms, another value of the same "
                         "attribute as anchor, the other values preserved, 24 captions in the testbed's grammar; "
