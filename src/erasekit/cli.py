@@ -34,8 +34,9 @@ def load_model(args):
     from .model import load
 
     model = load(args.model, allow_pickle=args.allow_pickle_weights)
-    for path in getattr(args, "delta", None) or []:
-        Delta.load(path).apply(model)
+    deltas = [Delta.load(path, base=model) for path in getattr(args, "delta", None) or []]  # all read against the base
+    for delta in deltas:
+        delta.apply(model)
     return model
 
 
@@ -71,14 +72,15 @@ def cmd_apply(args) -> None:
     from .model import load
 
     model = load(args.model, allow_pickle=args.allow_pickle_weights)
-    delta = Delta.load(args.delta)
+    delta = Delta.load(args.delta, base=model)
     delta.check(model)
     change = delta.relative_change(model)
     print(f"delta {args.delta} ({delta.method}) applies cleanly to {model.name}: "
           f"{len(change)} tensors, relative change mean {sum(change.values()) / len(change):.4g}, "
           f"max {max(change.values()):.4g}")
     if delta.is_foreign:
-        print(f"  not written by erasekit: provenance unknown, file sha256 {delta.config['file_sha256']}")
+        print(f"  not written by erasekit: provenance unknown, {delta.config['layout']}, file sha256 "
+              f"{delta.config['file_sha256']}")
     for part, c in delta.components(model).items():
         print(f"  {part}: {c['tensors']} tensors, relative change mean {c['mean']:.4g}, max {c['max']:.4g}")
     if any(name.startswith("text_encoder.") for name in delta.tensors):
@@ -95,7 +97,7 @@ def cmd_export(args) -> None:
     from .model import load
 
     model = load(args.model, allow_pickle=args.allow_pickle_weights)
-    deltas = [Delta.load(p) for p in args.delta or []]
+    deltas = [Delta.load(p, base=model) for p in args.delta or []]
     out = export(model, args.out, deltas, overwrite=args.overwrite)
     print(f"wrote pipeline folder {out} ({len(deltas)} delta(s) merged)")
 
@@ -220,7 +222,7 @@ def cmd_testbed_evaluate(args) -> None:
     from .testbed.judge import load_judge
 
     model, judge = load_testbed(args.weights), load_judge()
-    deltas = [Delta.load(p) for p in args.delta or []]
+    deltas = [Delta.load(p, base=model) for p in args.delta or []]
     for delta in deltas:
         delta.check(model)
     if args.concept:
@@ -276,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a model: architecture, cross-attention layers, sampler")
     _model_arg(p)
     p.add_argument("--delta", action="append", help="apply this delta first (repeatable)")
-    p.set_defaults(func=cmd_info, inputs=[("delta", "file")])
+    p.set_defaults(func=cmd_info, inputs=[("delta", "delta")])
 
     p = sub.add_parser("generate", help="generate images for prompts and seeds: a grid and per-image files")
     _model_arg(p)
@@ -289,21 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", action="append", help="apply this delta (repeatable, in order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.set_defaults(func=cmd_generate, inputs=[("delta", "file"), ("prompts_file", "file")],
+    p.set_defaults(func=cmd_generate, inputs=[("delta", "delta"), ("prompts_file", "file")],
                    outputs=[("out", "folder")])
 
     p = sub.add_parser("apply", help="check that a delta fits a model and show what it changes")
     _model_arg(p)
     p.add_argument("--delta", required=True, help="a delta .safetensors file")
     p.add_argument("--verbose", "-v", action="store_true", help="list every tensor")
-    p.set_defaults(func=cmd_apply, inputs=[("delta", "file")])
+    p.set_defaults(func=cmd_apply, inputs=[("delta", "delta")])
 
     p = sub.add_parser("export", help="write a complete diffusers pipeline folder with deltas merged")
     _model_arg(p)
     p.add_argument("--delta", action="append", help="a delta to merge (repeatable, in order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.set_defaults(func=cmd_export, inputs=[("delta", "file")], outputs=[("out", "folder")])
+    p.set_defaults(func=cmd_export, inputs=[("delta", "delta")], outputs=[("out", "folder")])
 
     p = sub.add_parser("erase", help="erase concepts with a method; writes a delta")
     _model_arg(p)
@@ -379,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report target rates for this concept (repeatable) next to the unedited model")
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    p.set_defaults(func=cmd_testbed_evaluate, inputs=[("delta", "file"), ("weights", "folder")],
+    p.set_defaults(func=cmd_testbed_evaluate, inputs=[("delta", "delta"), ("weights", "folder")],
                    outputs=[("json", "file")])
 
     p = tsub.add_parser("train-judge", help="train the testbed's attribute classifier (the judge)")
@@ -413,6 +415,11 @@ def preflight(args) -> list[Path]:
         for value in flag_values(args, attr):
             path = Path(value)
             if kind == "suite" and str(value).startswith("testbed:"):
+                continue
+            if kind == "delta":  # a delta file or an erased model folder (erasekit.delta_sources)
+                from .delta_sources import check_path
+
+                check_path(path, flag)
                 continue
             if kind in ("file", "suite") and not path.is_file():
                 raise UserError(f"{flag} {path} {'is a folder' if path.is_dir() else 'does not exist'}: "
