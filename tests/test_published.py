@@ -151,3 +151,20 @@ def test_a_command_line_copied_from_the_public_readme_works(capsys, tiny_sd, tmp
                        "guided_concepts=x", "--anchor", "y", "--out", tmp_path / "v.safetensors")
     assert code == 2 and "guided_concepts sets the anchor" in one_line_error(err)
     assert not (tmp_path / "v.safetensors").exists()
+
+
+def test_the_benchmark_baseline_is_the_public_structure_and_agrees(tiny_sd):
+    """benchmarks/naive_uce.public_uce (the public code's structure as written) equals erasekit's UCE in float64
+    on the published prompt lists."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from naive_uce import public_uce
+
+    model = erasekit.load(tiny_sd)
+    spec = ConceptSpec(["Van Gogh", "cat"], preserve=["Monet"], templates="art", expand=True)
+    edit, guides, keep = public_prompt_lists(["Van Gogh", "cat"], ["art", "art"], ["Monet"], ART)
+    ref = public_uce(model, edit, guides, keep, dtype=torch.float64)
+    delta = uce.erase(model, spec)
+    assert max(float((delta.tensors[k].double() - v).norm() / v.norm()) for k, v in ref.items()) < 1e-5
