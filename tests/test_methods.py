@@ -42,7 +42,7 @@ def test_uce_matches_the_public_code_structure(model, spec):
     for name, value in ref.items():
         rel = (delta.tensors[name] - value).norm() / value.norm()
         assert rel < 1e-5, (name, float(rel))
-    assert delta.method == "uce" and delta.stats["erase_keys"] == 10 and delta.stats["layers"] == 8
+    assert delta.method == "uce" and delta.stats["erase_keys"] == 12 and delta.stats["layers"] == 8  # 2 x (bare + 5)
 
 
 def test_uce_maps_targets_to_guides_and_keeps_preserved(model, spec):
@@ -66,7 +66,7 @@ def test_rece_adds_derived_keys_and_stops_them_regenerating(model, spec):
 
 
 def test_erasepro_zero_residual_and_per_layer_record(model):
-    spec = ConceptSpec([Concept("cat", ["kitten"])], anchors=["dog"], expand=True)  # 20 rows <= d = 32
+    spec = ConceptSpec([Concept("cat", ["kitten"])], anchors=["dog"], expand=True)  # 24 rows <= d = 32
     delta = erasepro.erase(model, spec)
     rows = delta.stats["per_layer"]
     assert len(rows) == len(model.text_mlp_layers()) + 1

@@ -34,8 +34,9 @@ def load_model(args):
     from .model import load
 
     model = load(args.model, allow_pickle=args.allow_pickle_weights)
-    for path in getattr(args, "delta", None) or []:
-        Delta.load(path).apply(model)
+    deltas = [Delta.load(path, base=model) for path in getattr(args, "delta", None) or []]  # all read against the base
+    for delta in deltas:
+        delta.apply(model)
     return model
 
 
@@ -71,14 +72,15 @@ def cmd_apply(args) -> None:
     from .model import load
 
     model = load(args.model, allow_pickle=args.allow_pickle_weights)
-    delta = Delta.load(args.delta)
+    delta = Delta.load(args.delta, base=model)
     delta.check(model)
     change = delta.relative_change(model)
     print(f"delta {args.delta} ({delta.method}) applies cleanly to {model.name}: "
           f"{len(change)} tensors, relative change mean {sum(change.values()) / len(change):.4g}, "
           f"max {max(change.values()):.4g}")
     if delta.is_foreign:
-        print(f"  not written by erasekit: provenance unknown, file sha256 {delta.config['file_sha256']}")
+        print(f"  not written by erasekit: provenance unknown, {delta.config['layout']}, file sha256 "
+              f"{delta.config['file_sha256']}")
     for part, c in delta.components(model).items():
         print(f"  {part}: {c['tensors']} tensors, relative change mean {c['mean']:.4g}, max {c['max']:.4g}")
     if any(name.startswith("text_encoder.") for name in delta.tensors):
@@ -95,7 +97,7 @@ def cmd_export(args) -> None:
     from .model import load
 
     model = load(args.model, allow_pickle=args.allow_pickle_weights)
-    deltas = [Delta.load(p) for p in args.delta or []]
+    deltas = [Delta.load(p, base=model) for p in args.delta or []]
     out = export(model, args.out, deltas, overwrite=args.overwrite)
     print(f"wrote pipeline folder {out} ({len(deltas)} delta(s) merged)")
 
@@ -152,8 +154,8 @@ def build_spec(args, cfg=None):
             raise UserError("--testbed-spec sets synonyms, anchors, preserve concepts and templates itself: "
                             "drop --anchor/--preserve/--templates and the ':synonyms', or drop --testbed-spec")
         return erasure_spec([t.name for t in targets], cfg)
-    data = {"targets": targets, "anchors": args.anchor if args.anchor is not None else [""],
-            "preserve": args.preserve or [], "expand": args.expand}
+    data = {"targets": targets, "anchors": args.anchor, "preserve": args.preserve or [], "expand": args.expand,
+            "expansion": args.expansion}
     if args.templates:
         data["templates"] = args.templates
     return ConceptSpec(**data)
@@ -184,6 +186,11 @@ def cmd_erase(args) -> None:
     method = methods.get(args.method)
     values = read_mapping(args.config, "config file") if args.config else {}
     values.update(key_values(args.set, "--set"))
+    values, spec_values = methods.spec_settings(method, values, source=args.config or "--set")
+    if spec_values.get("anchor") is not None:
+        if args.anchor is not None or args.spec or args.testbed_spec:
+            raise UserError("guided_concepts sets the anchor: drop it, or drop --anchor/--spec/--testbed-spec")
+        args.anchor = spec_values["anchor"]
     cfg = methods.build_config(method, values, source=args.config or "--set", testbed=is_testbed(args.model))
     spec = build_spec(args, cfg)
     check_setting_paths(cfg, args.model)
@@ -215,7 +222,7 @@ def cmd_testbed_evaluate(args) -> None:
     from .testbed.judge import load_judge
 
     model, judge = load_testbed(args.weights), load_judge()
-    deltas = [Delta.load(p) for p in args.delta or []]
+    deltas = [Delta.load(p, base=model) for p in args.delta or []]
     for delta in deltas:
         delta.check(model)
     if args.concept:
@@ -271,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a model: architecture, cross-attention layers, sampler")
     _model_arg(p)
     p.add_argument("--delta", action="append", help="apply this delta first (repeatable)")
-    p.set_defaults(func=cmd_info, inputs=[("delta", "file")])
+    p.set_defaults(func=cmd_info, inputs=[("delta", "delta")])
 
     p = sub.add_parser("generate", help="generate images for prompts and seeds: a grid and per-image files")
     _model_arg(p)
@@ -284,21 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", action="append", help="apply this delta (repeatable, in order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.set_defaults(func=cmd_generate, inputs=[("delta", "file"), ("prompts_file", "file")],
+    p.set_defaults(func=cmd_generate, inputs=[("delta", "delta"), ("prompts_file", "file")],
                    outputs=[("out", "folder")])
 
     p = sub.add_parser("apply", help="check that a delta fits a model and show what it changes")
     _model_arg(p)
     p.add_argument("--delta", required=True, help="a delta .safetensors file")
     p.add_argument("--verbose", "-v", action="store_true", help="list every tensor")
-    p.set_defaults(func=cmd_apply, inputs=[("delta", "file")])
+    p.set_defaults(func=cmd_apply, inputs=[("delta", "delta")])
 
     p = sub.add_parser("export", help="write a complete diffusers pipeline folder with deltas merged")
     _model_arg(p)
     p.add_argument("--delta", action="append", help="a delta to merge (repeatable, in order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.set_defaults(func=cmd_export, inputs=[("delta", "file")], outputs=[("out", "folder")])
+    p.set_defaults(func=cmd_export, inputs=[("delta", "delta")], outputs=[("out", "folder")])
 
     p = sub.add_parser("erase", help="erase concepts with a method; writes a delta")
     _model_arg(p)
@@ -306,10 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append",
                    help="a target concept, optionally with synonyms: 'star' or 'star:five-pointed star,starburst' "
                         "(repeatable)")
-    p.add_argument("--anchor", action="append", help="the anchor/guide concept (one, or one per target; default '')")
+    p.add_argument("--anchor", action="append",
+                   help="the anchor/guide concept (one, or one per target; default '', 'art' with --templates art)")
     p.add_argument("--preserve", action="append", help="a concept to preserve (repeatable)")
     p.add_argument("--expand", action="store_true", help="expand every phrase with the prompt templates")
     p.add_argument("--templates", help="template set for --expand: object (default) or art")
+    p.add_argument("--expansion", default="uce", help="--expand's rule: uce (the public UCE code's: bare phrase plus "
+                   "templates, preserve concepts as given; default) or templates (templated prompts only, for all)")
     p.add_argument("--testbed-spec", action="store_true",
                    help="testbed only: the spec of its experiments (training synonyms, another value of the same "
                         "attribute as anchor, the other values preserved, 24 captions in the testbed's grammar; "
@@ -374,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report target rates for this concept (repeatable) next to the unedited model")
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    p.set_defaults(func=cmd_testbed_evaluate, inputs=[("delta", "file"), ("weights", "folder")],
+    p.set_defaults(func=cmd_testbed_evaluate, inputs=[("delta", "delta"), ("weights", "folder")],
                    outputs=[("json", "file")])
 
     p = tsub.add_parser("train-judge", help="train the testbed's attribute classifier (the judge)")
@@ -407,6 +417,11 @@ def preflight(args) -> list[Path]:
         flag = "--" + attr.replace("_", "-")
         for value in flag_values(args, attr):
             path = Path(value)
+            if kind == "delta":  # a delta file or an erased model folder (erasekit.delta_sources)
+                from .delta_sources import check_path
+
+                check_path(path, flag)
+                continue
             if kind == "file" and not path.is_file():
                 raise UserError(f"{flag} {path} {'is a folder' if path.is_dir() else 'does not exist'}: "
                                 "give an existing file")

@@ -11,6 +11,15 @@ from CLI flags or a YAML/TOML file:
     preserve: [person, portrait]
     templates: object        # "object", "art", or a list of strings containing {}
     expand: true
+    expansion: uce           # "uce" (default) or "templates"
+
+Expansion (`expand: true`) follows the public UCE code (trainscripts/uce_sd_erase.py, --expand_prompts) unless
+`expansion: templates`:
+- "uce": every target phrase and every anchor is kept bare and also put into each template ("Van Gogh",
+  "painting by Van Gogh", ...; the anchor "art", "painting by art", ...); preserve concepts are not expanded.
+- "templates" (erasekit's earlier rule, and the testbed's captions): every phrase, anchor and preserve
+  concept is replaced by its templated prompts (no bare phrase).
+With no anchor given the guide is "" (object templates) or "art" (the art templates), as in the public code.
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ TEMPLATE_SETS = {
     "object": ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
     "art": ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
 }
-SPEC_KEYS = {"targets", "anchors", "preserve", "templates", "expand"}
+SPEC_KEYS = {"targets", "anchors", "preserve", "templates", "expand", "expansion"}
+EXPANSIONS = ("uce", "templates")  # see the module docstring
 
 
 @dataclass
@@ -50,14 +60,17 @@ class PromptPair:
 @dataclass
 class ConceptSpec:
     targets: list[Concept]
-    anchors: list[str] = field(default_factory=lambda: [""])
+    anchors: list[str] | None = None  # None: the public code's default guide ("" or, with art templates, "art")
     preserve: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=lambda: list(TEMPLATE_SETS["object"]))
     expand: bool = False
+    expansion: str = "uce"  # see EXPANSIONS
 
     def __post_init__(self):
         self.targets = [t if isinstance(t, Concept) else Concept(str(t)) for t in self.targets]
         self.templates = _templates(self.templates)
+        if self.anchors is None:
+            self.anchors = ["art" if self.templates == list(TEMPLATE_SETS["art"]) else ""]
         self.validate()
 
     # -- construction ---------------------------------------------------------------------------
@@ -78,8 +91,9 @@ class ConceptSpec:
                 targets.append(Concept(entry["name"], _texts(entry.get("synonyms"), "synonyms", source)))
             else:
                 raise UserError(f"{source}: a target is a name or a mapping with name and synonyms (got {entry!r})")
-        anchors = data.get("anchors", [""])
-        anchors = [anchors] if isinstance(anchors, str) else _texts(anchors, "anchors", source)
+        anchors = data.get("anchors")
+        if anchors is not None:
+            anchors = [anchors] if isinstance(anchors, str) else _texts(anchors, "anchors", source)
         templates = data.get("templates", "object")
         if not isinstance(templates, str):
             templates = _texts(templates, "templates", source)
@@ -87,7 +101,7 @@ class ConceptSpec:
         if not isinstance(expand, bool):
             raise UserError(f"{source}: expand must be true or false, got {expand!r}")
         return cls(targets=targets, anchors=anchors, preserve=_texts(data.get("preserve"), "preserve", source),
-                   templates=templates, expand=expand)
+                   templates=templates, expand=expand, expansion=data.get("expansion", "uce"))
 
     @classmethod
     def from_file(cls, path: str | Path) -> ConceptSpec:
@@ -95,6 +109,9 @@ class ConceptSpec:
 
     # -- checks -----------------------------------------------------------------------------------
     def validate(self) -> None:
+        if self.expansion not in EXPANSIONS:
+            raise UserError(f"unknown expansion {self.expansion!r}: use uce (the public UCE code's: bare phrase plus "
+                            "templates, preserve concepts as given) or templates (templated prompts only, for all)")
         names = [t.name.strip() for t in self.targets]
         if not names or any(not n for n in names):
             raise UserError("no target concept (or an empty one): give at least one non-empty --concept")
@@ -117,9 +134,11 @@ class ConceptSpec:
 
     # -- prompts ----------------------------------------------------------------------------------
     def _fill(self, phrase: str) -> list[str]:
+        """A target phrase or anchor as prompts: itself, or expanded by the spec's expansion rule."""
         if not self.expand:
             return [phrase]
-        return [" ".join(t.format(phrase).split()) for t in self.templates]
+        filled = [" ".join(t.format(phrase).split()) for t in self.templates]
+        return [phrase, *filled] if self.expansion == "uce" else filled
 
     def pairs(self, synonyms: bool = True) -> list[PromptPair]:
         """Target prompts paired with the anchor in the same template (for every phrase if synonyms)."""
@@ -131,12 +150,15 @@ class ConceptSpec:
         return out
 
     def preserve_prompts(self) -> list[str]:
+        """The preserve concepts as prompts: as given under the "uce" rule, templated under "templates"."""
+        if self.expansion == "uce":
+            return list(self.preserve)
         return [p for concept in self.preserve for p in self._fill(concept)]
 
     def to_dict(self) -> dict:
         return {"targets": [{"name": t.name, "synonyms": t.synonyms} for t in self.targets],
                 "anchors": self.anchors, "preserve": self.preserve, "templates": self.templates,
-                "expand": self.expand}
+                "expand": self.expand, "expansion": self.expansion}
 
 
 def _listed(value, key: str, source: str) -> list:

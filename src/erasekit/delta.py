@@ -11,8 +11,10 @@ another base model fails with one clear line.
 
 A foreign delta, a safetensors file of changed tensors without erasekit metadata (e.g. the public UCE
 code's output), is read too: its keys are diffusers UNet names or "text_encoder."-prefixed names, it is
-matched to the base by names and shapes only, and its record says its provenance is unknown. Pickle
-files (.pt, .ckpt, .bin, .pth, or any file that is not safetensors) are never loaded.
+matched to the base by names and shapes only, and its record says its provenance is unknown. The other
+layouts the field publishes (an erased pipeline folder, a text-encoder checkpoint, LoRA weights) are read
+against the base model by erasekit.delta_sources. Pickle files (.pt, .ckpt, .bin, .pth, or any file that is
+not safetensors) are never loaded.
 """
 
 from __future__ import annotations
@@ -83,6 +85,13 @@ def refuse_pickle(path: Path, what: str = "delta") -> None:
                         f"can run code); {CONVERT_HINT}")
 
 
+def _needs(base: Model | None, path: Path, what: str) -> Model:
+    """The base model a layout is read against, or a UserError for a caller that gave none."""
+    if base is None:
+        raise UserError(f"{path} is {what}: it is read against the base model (Delta.load(path, base=model))")
+    return base
+
+
 def _setting(config, key: str):
     """The first value of key in a (nested) config mapping, or None."""
     if isinstance(config, dict):
@@ -139,12 +148,21 @@ class Delta:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Delta:
-        """Read a delta file: erasekit's own (its tensors_sha256 checked) or a foreign safetensors file of
-        changed tensors; refuses pickle files, damaged files and NaN/inf values with one line."""
+    def load(cls, path: str | Path, base: Model | None = None) -> Delta:
+        """Read a delta: erasekit's own file (its tensors_sha256 checked), a foreign safetensors file of changed
+        tensors, or, against base (the model it will be applied to), an erased model folder, a text-encoder
+        checkpoint or LoRA weights (erasekit.delta_sources); refuses pickle files, damaged files and NaN/inf
+        values with one line."""
+        from . import delta_sources
+
         path = Path(path)
+        if path.is_dir():
+            delta_sources.check_path(path)
+            tensors, config = delta_sources.from_folder(path, _needs(base, path, "an erased model folder"))
+            return cls._foreign(path, tensors, config)
         if not path.is_file():
-            raise UserError(f"delta file {path} does not exist: give the .safetensors file `erasekit erase` wrote")
+            raise UserError(f"delta file {path} does not exist: give the .safetensors file `erasekit erase` wrote, "
+                            "or an erased model folder")
         refuse_pickle(path)
         try:
             from safetensors import safe_open
@@ -161,7 +179,7 @@ class Delta:
             raise UserError(f"delta {path} holds NaN or inf values in {len(bad)} of {len(tensors)} tensors (e.g. "
                             f"{bad[0]}): the method that wrote it diverged; re-create it with milder settings")
         if raw_meta is None:
-            return cls.foreign(path, tensors)
+            return cls.foreign(path, tensors, base)
         try:
             meta = json.loads(raw_meta)
         except ValueError:
@@ -179,17 +197,32 @@ class Delta:
                    version=meta.get("erasekit_version", ""))
 
     @classmethod
-    def foreign(cls, path: Path, tensors: dict[str, torch.Tensor]) -> Delta:
+    def foreign(cls, path: Path, tensors: dict[str, torch.Tensor], base: Model | None = None) -> Delta:
         """A safetensors file of changed tensors that erasekit did not write: diffusers UNet names, or
-        'text_encoder.'-prefixed names ('unet.'-prefixed UNet names are accepted too). No base hash: it is
+        'text_encoder.'-prefixed names ('unet.'-prefixed UNet names are accepted too); a text encoder's weights
+        under bare CLIPTextModel names; or LoRA weights, merged into base's tensors. No base hash: it is
         matched to a base by names and shapes only."""
+        from . import delta_sources
+
         if not tensors:
             raise UserError(f"{path} holds no tensors: give a delta with the changed weights")
+        layout = "changed tensors (state dict)"
+        if delta_sources.is_lora(tensors):
+            layout, tensors = delta_sources.LORA, delta_sources.merge_lora(tensors, _needs(base, path, "LoRA"), path)
+        elif delta_sources.is_text_model_file(tensors, base):
+            layout = delta_sources.TEXT_FILE
+            tensors = (delta_sources.changed(base, tensors, "text_encoder.", path) if base is not None
+                       else {"text_encoder." + k: v for k, v in tensors.items()})
+            if not tensors:
+                raise UserError(f"{path} has the text encoder's weights unchanged from {base.name}: nothing to apply")
         renamed = {k.removeprefix("unet."): v for k, v in tensors.items()}
         if len(renamed) != len(tensors):
             raise UserError(f"{path} names a UNet tensor both with and without the 'unet.' prefix: keep one")
-        return cls(tensors=renamed, method=FOREIGN,
-                   config={"file": str(path), "file_sha256": file_sha256(path), "provenance": "unknown"},
+        return cls._foreign(path, renamed, {"layout": layout, "file_sha256": file_sha256(path)})
+
+    @classmethod
+    def _foreign(cls, path: Path, tensors: dict[str, torch.Tensor], config: dict) -> Delta:
+        return cls(tensors=tensors, method=FOREIGN, config={"file": str(path), **config, "provenance": "unknown"},
                    base={"name": "unknown (foreign delta)"})
 
     @property

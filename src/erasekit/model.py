@@ -209,6 +209,7 @@ class Model:
         """A parameter by delta key: bare names are the UNet's, 'text_encoder.*' the text encoder's."""
         component, key = split_key(name)
         params = dict(getattr(self.pipe, component).named_parameters())
+        key = text_model_name(key, params) if component == "text_encoder" else key
         if key not in params:
             raise KeyError(name)
         return params[key]
@@ -322,6 +323,15 @@ class Model:
         latents = [self.denoise(self.initial_noise(s), self.encode(p).embeddings, uncond, steps, guidance, stop=to_step)
                    for p, s in self._batches(prompts, seeds, batch_size)]
         return torch.cat(latents), self.timesteps(steps)[to_step]
+
+
+def text_model_name(key: str, names) -> str:
+    """A CLIPTextModel parameter name as this transformers version spells it: checkpoints written by older
+    versions (AdvUnlearn's, SD1.4's) say "text_model.encoder...", newer ones "encoder..."; either is found."""
+    if key in names:
+        return key
+    other = key.removeprefix("text_model.") if key.startswith("text_model.") else "text_model." + key
+    return other if other in names else key
 
 
 def split_key(name: str) -> tuple[str, str]:

@@ -8,7 +8,7 @@ from .. import arguments as types
 from ..errors import UserError
 
 # the paths evaluate and compare read and write, checked before any work (cli.preflight)
-RUN_PATHS = {"inputs": [("delta", "file"), ("real_images", "folder"), ("clip", "folder"),
+RUN_PATHS = {"inputs": [("delta", "delta"), ("real_images", "folder"), ("clip", "folder"),
                         ("fid_features", "folder")],  # load_suite checks --suite itself
              "outputs": [("out", "folder")]}
 
@@ -85,8 +85,8 @@ def build_run(args):
         options["threshold"] = args.threshold
     judge = get_judge(judge_name, **options)
     suite = require_suite_judge(suite, judge)
-    variants = load_variants(args.delta or [], stacked=args.stacked)
     model = load_for_run(args.model, allow_pickle=getattr(args, "allow_pickle_weights", False))
+    variants = load_variants(args.delta or [], stacked=args.stacked, base=model)
     for variant in variants:
         for delta in variant.deltas:
             delta.check(model)

@@ -222,11 +222,12 @@ def _protected(model: Model) -> list[Path]:
     return [Path(model.source)] if Path(model.source).is_dir() else []
 
 
-def load_variants(delta_paths: list[str], stacked: bool) -> list[Variant]:
+def load_variants(delta_paths: list[str], stacked: bool, base: Model | None = None) -> list[Variant]:
     """evaluate: the original and one variant with every delta applied together (stacked);
-    compare: the original and one variant per delta."""
+    compare: the original and one variant per delta. base: the model they are read against (an erased model
+    folder or LoRA weights need it)."""
     variants = [Variant("original")]
-    deltas = [(str(p), Delta.load(p)) for p in delta_paths]
+    deltas = [(str(p), Delta.load(p, base=base)) for p in delta_paths]
     if not deltas:
         return variants
     if stacked:

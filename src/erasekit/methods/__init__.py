@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,17 @@ class Method:
     testbed: dict = dataclasses.field(default_factory=dict)
     fine_tuning: bool = False  # its erase takes base_values (what an earlier stage changed) when composed
     parts: tuple = ()  # a composition "A+B": the methods it runs in order
+    # setting names of the method's public code that differ from erasekit's: {public name: erasekit name}. The
+    # erasekit name is a config field, or "anchor" (the spec's anchor: what the public code's guide concepts are)
+    aliases: dict = dataclasses.field(default_factory=dict)
+    public_code: str = ""  # whose names the aliases are, for the note ("the public UCE code")
+
+
+# The public names UCE's and RECE's scripts use (erase_scale and preserve_scale are erasekit's names too):
+# UCE trainscripts/uce_sd_erase.py --lamb, and --guided_concepts in its older train-scripts/train_erase.py and RECE.
+UCE_ALIASES = {"lamb": "lam", "guided_concepts": "anchor"}
+RECE_ALIASES = {"lamb": "lam", "regular_scale": "mu", "guided_concepts": "anchor"}  # RECE train.py
+SPEC_ALIASES = {"anchor"}  # alias targets that are spec settings, not config fields
 
 
 def _registry() -> dict[str, Method]:
@@ -29,9 +41,10 @@ def _registry() -> dict[str, Method]:
     from . import erasepro, rece, trce, uce
 
     methods = {m.name: m for m in (
-        Method("uce", uce.UCEConfig, uce.erase, "unified concept editing (closed form, K/V)", uce.TESTBED),
+        Method("uce", uce.UCEConfig, uce.erase, "unified concept editing (closed form, K/V)", uce.TESTBED,
+               aliases=UCE_ALIASES, public_code="the public UCE code"),
         Method("rece", rece.RECEConfig, rece.erase, "UCE + derived-embedding rounds (closed form, K/V)",
-               uce.TESTBED),
+               uce.TESTBED, aliases=RECE_ALIASES, public_code="the public RECE code"),
         Method("erasepro", erasepro.EraseProConfig, erasepro.erase,
                "zero-residual progressive edit (closed form, text encoder + K/V)", erasepro.TESTBED),
         Method("trce-stage1", trce.TRCEStage1Config, trce.erase, "TRCE textual erasure of [EoT] (closed form)",
@@ -103,13 +116,49 @@ def names() -> list[str]:
     return list(_registry())
 
 
+def resolve_aliases(method: Method, values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """values with the method's public setting names (Method.aliases) renamed to erasekit's, each with a one-line
+    note; a public name given beside its erasekit name is refused. Spec settings ("anchor") are left to
+    spec_settings."""
+    aliases = getattr(method, "aliases", {})
+    out = dict(values)
+    for alias, own in aliases.items():
+        if alias not in out or own in SPEC_ALIASES:
+            continue
+        if own in out:
+            raise UserError(f"{source} sets both {alias!r} and its erasekit name {own!r} for {method.name}: give one")
+        value = out.pop(alias)
+        warnings.warn(f"{source}: {alias!r} is {method.public_code}'s name for {own!r}: read as {own}={value}",
+                      stacklevel=3)
+        out[own] = value
+    return out
+
+
+def spec_settings(method: Method, values: dict[str, Any], source: str = "--set") -> tuple[dict, dict]:
+    """(config values, spec values): a public name that means a spec setting (guided_concepts: the anchors,
+    ';'-separated as the public UCE code reads them) is taken out of the config values, with a note."""
+    config, spec = dict(values), {}
+    for alias, own in getattr(method, "aliases", {}).items():
+        if alias in config and own in SPEC_ALIASES:
+            value = str(config.pop(alias))
+            spec[own] = [v.strip() for v in value.split(";")]
+            warnings.warn(f"{source}: {alias!r} is {method.public_code}'s name for the spec's anchor: read as "
+                          + " ".join(f"--anchor {v!r}" for v in spec[own]), stacklevel=2)
+    return config, spec
+
+
 def build_config(method: Method, values: dict[str, Any], source: str = "config", testbed: bool = False) -> Any:
     """A method config from a mapping, converting strings to the fields' types; unknown keys are named.
-    On the testbed the method's testbed settings come first. A composition gets a list of configs,
-    one per part: 'part.key' goes to that part, a plain key to every part that has it."""
+    The public code's setting names are accepted as aliases (Method.aliases, with a note). On the testbed the
+    method's testbed settings come first. A composition gets a list of configs, one per part: 'part.key' goes to
+    that part, a plain key to every part that has it."""
     if getattr(method, "parts", ()):
         return _composed_configs(method, values, source, testbed)
-    values = {**(getattr(method, "testbed", {}) if testbed else {}), **values}
+    spec_only = sorted(a for a, own in getattr(method, "aliases", {}).items() if own in SPEC_ALIASES and a in values)
+    if spec_only:
+        raise UserError(f"{source}: {spec_only[0]!r} is {method.public_code}'s name for the concept spec's anchor, "
+                        "not a method setting: give it as --anchor (or anchors: in --spec)")
+    values = {**(getattr(method, "testbed", {}) if testbed else {}), **resolve_aliases(method, values, source)}
     fields = {f.name: f for f in dataclasses.fields(method.config)}
     unknown = set(values) - set(fields)
     if unknown:
@@ -191,7 +240,8 @@ def _composed_configs(method: Method, values: dict[str, Any], source: str, testb
         if dot and part in routed:
             routed[part][field] = value
             continue
-        owners = [p.name for p in method.parts if key in {f.name for f in dataclasses.fields(p.config)}]
+        owners = [p.name for p in method.parts
+                  if key in {f.name for f in dataclasses.fields(p.config)} | set(getattr(p, "aliases", {}))]
         if not owners:
             raise UserError(f"{source} has unknown key {key!r} for {method.name}: no part has it")
         for owner in owners:

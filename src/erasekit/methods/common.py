@@ -89,6 +89,32 @@ def single_rows(enc: Encoded, positions: str) -> torch.Tensor:
     return paired_rows(enc, enc, positions)[0]
 
 
+class Encodings:
+    """The prompts of one edit, each distinct prompt through the text encoder once: a shared anchor, a target that
+    is also a RECE concept name, a prompt asked for again in a later round are encoded the first time only.
+    encodings(prompts) -> Encoded in the order given; prefetch(*lists) encodes what is new in one batched call."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.stored: dict[str, tuple[Encoded, int]] = {}  # prompt -> (the batch it was encoded in, its row)
+
+    def prefetch(self, *prompt_lists: list[str]) -> None:
+        new = list(dict.fromkeys(p for prompts in prompt_lists for p in prompts if p not in self.stored))
+        if new:
+            enc = self.model.encode(new)
+            self.stored.update((p, (enc, i)) for i, p in enumerate(new))
+
+    def __call__(self, prompts: list[str]) -> Encoded:
+        self.prefetch(prompts)
+        found = [self.stored[p] for p in prompts]
+
+        def stack(field: str) -> torch.Tensor:
+            return torch.stack([getattr(enc, field)[i] for enc, i in found])
+
+        return Encoded(list(prompts), stack("embeddings"), stack("input_ids"), stack("attention_mask"), stack("eot"),
+                       [enc.truncated[i] for enc, i in found])
+
+
 class KVStack:
     """All cross-attention K/V matrices of a model stacked along their output rows: (sum_out, d).
 

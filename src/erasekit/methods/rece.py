@@ -17,7 +17,7 @@ from ..concepts import ConceptSpec
 from ..delta import Delta
 from ..linalg import regenerating_embedding
 from ..model import Model
-from .common import KVStack
+from .common import Encodings, KVStack
 from .uce import erase_keys, solve
 
 
@@ -33,11 +33,14 @@ class RECEConfig:
     toward_concept: bool = False  # regularise c* toward c_concept instead of 0 (the paper's variant)
 
 
-def concept_rows(model: Model, spec: ConceptSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def concept_rows(model: Model, spec: ConceptSpec, encodings: Encodings | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every content and [EoT] row of each target name's embedding, and its anchor's [KEY] row per row."""
+    encodings = encodings or Encodings(model)
     names = [t.name for t in spec.targets]
-    enc = model.encode(names)
-    anchors = model.encode(spec.anchor_per_target())
+    encodings.prefetch(names, spec.anchor_per_target())
+    enc = encodings(names)
+    anchors = encodings(spec.anchor_per_target())
     rows, guides = [], []
     for i in range(len(names)):
         n = int(enc.eot[i]) + 1
@@ -50,10 +53,12 @@ def erase(model: Model, spec: ConceptSpec, cfg: RECEConfig | None = None) -> Del
     cfg = cfg or RECEConfig()
     start = time.time()
     kv = KVStack(model)
-    keys, guides, preserve_keys = erase_keys(model, spec, cfg.positions, cfg.synonyms)
+    encodings = Encodings(model)
+    keys, guides, preserve_keys = erase_keys(model, spec, cfg.positions, cfg.synonyms, encodings,
+                                             later=[t.name for t in spec.targets] + spec.anchor_per_target())
     keys, values = keys.double().cpu(), kv.values(guides)
     w = solve(kv, keys, values, preserve_keys, cfg)
-    rows, row_guides = concept_rows(model, spec)
+    rows, row_guides = concept_rows(model, spec, encodings)
     target_out = kv.values(rows)
     rounds = []
     for _ in range(cfg.epochs):

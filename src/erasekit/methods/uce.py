@@ -2,7 +2,12 @@
 
 Target keys c_i (the target prompt's embedding row) are mapped to v*_i = W0 c_guide_i (the anchor
 prompt's row through the original layer) while preserve keys keep their outputs; lam ties W to W0.
-Defaults are the public code's: lam 0.5, erase and preserve scales 1, keys at [KEY], guide "".
+Defaults are the public code's (rohitgandikota/unified-concept-editing, trainscripts/uce_sd_erase.py): lam 0.5
+(`lamb`), erase and preserve scales 1, keys at [KEY] (attention_mask.sum() - 2), guide "" ("art" with the art
+templates). Prompt building is the spec's: `--expand` under the default "uce" expansion builds what the public
+--expand_prompts builds (each concept bare plus its five templated prompts, the guide likewise, preserve
+concepts not expanded); `--expansion templates` keeps erasekit's earlier rule. docs/METHODS.md has the table.
+Each distinct prompt is encoded once (common.Encodings).
 On the testbed (and UCE's derivative RECE) the keys are every aligned row: its MiniLM encoder is bidirectional
 and writes the concept into every token, so the [KEY] row alone left striped at 0.97 and red at 0.50 of
 canonical prompts, and the aligned rows take both to 0.00 (docs/results/closed_form.md).
@@ -19,7 +24,7 @@ from ..concepts import ConceptSpec
 from ..delta import Delta
 from ..linalg import uce_solve
 from ..model import Model
-from .common import KVStack, paired_rows, single_rows
+from .common import Encodings, KVStack, paired_rows, single_rows
 
 TESTBED = {"positions": "aligned"}
 
@@ -33,14 +38,17 @@ class UCEConfig:
     synonyms: bool = True  # erase every synonym listed in the spec, not only the name
 
 
-def erase_keys(model: Model, spec: ConceptSpec, positions: str, synonyms: bool = True):
-    """(target key rows, anchor key rows, preserve key rows or None) of a spec, encoded by model."""
+def erase_keys(model: Model, spec: ConceptSpec, positions: str, synonyms: bool = True,
+               encodings: Encodings | None = None, later: list[str] = ()):
+    """(target key rows, anchor key rows, preserve key rows or None) of a spec, encoded by model: every distinct
+    prompt once, all in one batched call with the prompts the caller needs later (RECE's concept names)."""
+    encodings = encodings or Encodings(model)
     pairs = spec.pairs(synonyms=synonyms)
-    targets = model.encode([p.target for p in pairs])
-    anchors = model.encode([p.anchor for p in pairs])
-    keys, guides = paired_rows(targets, anchors, positions)
+    target_prompts, anchor_prompts = [p.target for p in pairs], [p.anchor for p in pairs]
     preserve = spec.preserve_prompts()
-    preserve_keys = single_rows(model.encode(preserve), positions) if preserve else None
+    encodings.prefetch(target_prompts, anchor_prompts, preserve, list(later))
+    keys, guides = paired_rows(encodings(target_prompts), encodings(anchor_prompts), positions)
+    preserve_keys = single_rows(encodings(preserve), positions) if preserve else None
     return keys, guides, preserve_keys
 
 

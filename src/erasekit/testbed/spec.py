@@ -68,4 +68,5 @@ def erasure_spec(concepts: list[str], cfg=None, templates: int = 24) -> ConceptS
         targets.append(Concept(c, [w for w in words if w != c]))
     preserve = sorted({v for c in concepts for v in VALUES[attribute_of(c)] if v not in concepts})
     return ConceptSpec(targets, anchors=[sibling(c) for c in concepts], preserve=preserve,
-                       templates=caption_templates(concepts, templates) if captions else "object", expand=captions)
+                       templates=caption_templates(concepts, templates) if captions else "object", expand=captions,
+                       expansion="templates")

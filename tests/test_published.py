@@ -1,0 +1,170 @@
+"""Published defaults and prompt building (UCE, RECE), fixed so that a change to them is deliberate; the public
+setting names as aliases; one encode per distinct prompt. docs/METHODS.md, "Defaults beside the public code"."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import erasekit
+from erasekit import methods
+from erasekit.concepts import ConceptSpec
+from erasekit.methods import rece, uce
+
+ART = ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")
+OBJECT = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
+
+
+def public_prompt_lists(concepts, guides, preserve, templates):
+    """The lists trainscripts/uce_sd_erase.py builds with --expand_prompts true (read, not copied): every concept
+    bare, then each concept's templated prompts; the guides the same way; preserve concepts as given."""
+    edit, guide = list(concepts), list(guides)
+    for c, g in zip(concepts, guides):
+        edit += [t.format(c) for t in templates]
+        guide += [" ".join(t.format(g).split()) for t in templates]
+    return edit, guide, list(preserve)
+
+
+def defaults(config) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(config)}
+
+
+def test_uce_defaults_are_the_public_codes():
+    """--lamb 0.5, --erase_scale 1, --preserve_scale 1 (argparse defaults), the key at attention_mask.sum() - 2."""
+    assert defaults(uce.UCEConfig) == {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "positions": "key",
+                                       "synonyms": True}
+    assert methods.get("uce").aliases == {"lamb": "lam", "guided_concepts": "anchor"}
+
+
+def test_rece_defaults_are_fixed():
+    """RECE's README nudity command: --lamb 0.1, --epochs 3, --erase_scale 1; erasekit's mu is train_artists.py's
+    --regular_scale 1e-3 and its preserve_scale 1 differs from the README's 0.1 (named in METHODS)."""
+    assert defaults(rece.RECEConfig) == {"lam": 0.1, "erase_scale": 1.0, "preserve_scale": 1.0, "positions": "key",
+                                         "synonyms": True, "epochs": 3, "mu": 1e-3, "toward_concept": False}
+    assert methods.get("rece").aliases == {"lamb": "lam", "regular_scale": "mu", "guided_concepts": "anchor"}
+
+
+@pytest.mark.parametrize("templates, guide, set_name", [(ART, "art", "art"), (OBJECT, "", "object")])
+def test_expand_builds_the_public_prompt_lists(templates, guide, set_name):
+    concepts, preserve = ["Van Gogh", "Kelly McKernan"], ["Monet", "Picasso"]
+    spec = ConceptSpec(concepts, preserve=preserve, templates=set_name, expand=True)
+    assert spec.anchors == [guide]  # the public default guide for the concept type
+    edit, guides, keep = public_prompt_lists(concepts, [guide] * 2, preserve, templates)
+    pairs = spec.pairs()
+    assert sorted((p.target, p.anchor) for p in pairs) == sorted(zip(edit, guides))  # the solve is a sum: order-free
+    assert spec.preserve_prompts() == keep
+    assert [p.target for p in pairs[:6]] == ["Van Gogh", *(t.format("Van Gogh") for t in templates)]
+
+
+def test_key_position_is_the_public_codes(tiny_sd):
+    """The public code reads the row at attention_mask.sum() - 2: the last content token (the start token for '')."""
+    model = erasekit.load(tiny_sd)
+    prompts = ["Van Gogh", "painting by Van Gogh", "", "a photo of a red car"]
+    enc = model.encode(prompts)
+    assert enc.key.tolist() == (enc.attention_mask.sum(1) - 2).clamp(min=0).tolist()
+
+
+def count_encoded(model):
+    """Wrap the text encoder's forward: the list of batch sizes it was called with."""
+    calls, forward = [], model.text_encoder.forward
+
+    def counting(input_ids, *args, **kwargs):
+        calls.append(int(input_ids.shape[0]))
+        return forward(input_ids, *args, **kwargs)
+
+    model.text_encoder.forward = counting
+    return calls, forward
+
+
+def test_a_100_concept_uce_edit_encodes_each_distinct_prompt_once():
+    """100 targets, one shared anchor '' and 5 preserve concepts: 106 distinct prompts (205 were encoded before),
+    in one batched call per 64 prompts."""
+    model = erasekit.load("testbed")
+    words = "apple ball cat dog egg fig goat hat ink jam kite lamp moon nest owl pig queen rose sun tree".split()
+    concepts = [f"{a} {b}" for a in words for b in words if a != b][:100]
+    preserve = ["a photo of a vase", "a whale", "a box", "a yak", "a zebra"]
+    spec = ConceptSpec(concepts, preserve=preserve)
+    calls, forward = count_encoded(model)
+    try:
+        delta = uce.erase(model, spec)
+    finally:
+        model.text_encoder.forward = forward
+    assert sum(calls) == 106 == len(set(concepts) | {""} | set(preserve)) and len(calls) == 2  # 64 + 42
+    assert delta.stats["erase_keys"] == 100 and delta.stats["preserve_keys"] == 5
+
+
+def test_rece_encodes_its_concept_names_with_the_uce_prompts(tiny_sd):
+    """RECE reads each target name's rows again after the UCE solve: those come from the same encodings."""
+    model = erasekit.load(tiny_sd)
+    spec = ConceptSpec(["cat", "dog"], anchors=["car"], preserve=["star"], expand=True)
+    calls, forward = count_encoded(model)
+    try:
+        rece.erase(model, spec, rece.RECEConfig(epochs=1))
+    finally:
+        model.text_encoder.forward = forward
+    distinct = {p.target for p in spec.pairs()} | {p.anchor for p in spec.pairs()} | {"star"}
+    assert sum(calls) == len(distinct) == 2 * 6 + 6 + 1 and len(calls) == 1
+
+
+def test_the_encoded_rows_equal_separate_encodes(tiny_sd):
+    """Sharing encodings changes no number: the keys equal those of encoding each list on its own."""
+    model = erasekit.load(tiny_sd)
+    spec = ConceptSpec(["cat", "dog"], preserve=["star", "cat toy"], expand=True)
+    keys, guides, keep = uce.erase_keys(model, spec, "key")
+    t = model.encode([p.target for p in spec.pairs()])
+    a = model.encode([p.anchor for p in spec.pairs()])
+    assert torch.allclose(keys, t.rows(t.key), atol=1e-6) and torch.allclose(guides, a.rows(a.key), atol=1e-6)
+    p = model.encode(spec.preserve_prompts())
+    assert torch.allclose(keep, p.rows(p.key), atol=1e-6)
+
+
+def test_public_setting_names_are_aliases_with_a_note():
+    method = methods.get("uce")
+    with pytest.warns(UserWarning, match="'lamb' is the public UCE code's name for 'lam'"):
+        cfg = methods.build_config(method, {"lamb": "0.25", "erase_scale": "2"}, source="--set")
+    assert cfg.lam == 0.25 and cfg.erase_scale == 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert methods.build_config(method, {"lam": "0.3"}).lam == 0.3  # the own name: no note
+    with pytest.raises(erasekit.UserError, match="both 'lamb' and its erasekit name 'lam'"):
+        methods.build_config(method, {"lamb": "0.2", "lam": "0.3"}, source="--set")
+    with pytest.warns(UserWarning, match="'regular_scale' is the public RECE code's name for 'mu'"):
+        assert methods.build_config(methods.get("rece"), {"regular_scale": "0.1"}).mu == 0.1
+
+
+def test_a_command_line_copied_from_the_public_readme_works(capsys, tiny_sd, tmp_path):
+    """erasekit erase --method uce --concept "Van Gogh" --set lamb=0.5: a note, and the delta records lam 0.5;
+    guided_concepts becomes the spec's anchors (';'-separated, as the public code reads them)."""
+    from cli_helpers import one_line_error, run
+
+    code, out, err = run(capsys, "erase", tiny_sd, "--method", "uce", "--concept", "Van Gogh", "--set", "lamb=0.4",
+                         "--set", "guided_concepts=art", "--out", tmp_path / "u.safetensors")
+    assert code == 0, err
+    assert "erasekit: warning: --set: 'lamb' is the public UCE code's name for 'lam': read as lam=0.4" in err
+    assert "erasekit: warning: --set: 'guided_concepts' is the public UCE code's name for the spec's anchor" in err
+    delta = erasekit.Delta.load(tmp_path / "u.safetensors")
+    assert delta.config["lam"] == 0.4 and delta.config["spec"]["anchors"] == ["art"]
+    code, _, err = run(capsys, "erase", tiny_sd, "--method", "uce", "--concept", "a;b", "--concept", "c", "--set",
+                       "guided_concepts=x", "--anchor", "y", "--out", tmp_path / "v.safetensors")
+    assert code == 2 and "guided_concepts sets the anchor" in one_line_error(err)
+    assert not (tmp_path / "v.safetensors").exists()
+
+
+def test_the_benchmark_baseline_is_the_public_structure_and_agrees(tiny_sd):
+    """benchmarks/naive_uce.public_uce (the public code's structure as written) equals erasekit's UCE in float64
+    on the published prompt lists."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from naive_uce import public_uce
+
+    model = erasekit.load(tiny_sd)
+    spec = ConceptSpec(["Van Gogh", "cat"], preserve=["Monet"], templates="art", expand=True)
+    edit, guides, keep = public_prompt_lists(["Van Gogh", "cat"], ["art", "art"], ["Monet"], ART)
+    ref = public_uce(model, edit, guides, keep, dtype=torch.float64)
+    delta = uce.erase(model, spec)
+    assert max(float((delta.tensors[k].double() - v).norm() / v.norm()) for k, v in ref.items()) < 1e-5
