@@ -145,6 +145,12 @@ CASES = [
     (["evaluate", "--suite", "testbed:circle", "--out", "{in}/afile"], "is a file"),
     (["evaluate", "{sd}", "--suite", "testbed:circle", "--out", "{sd}/eval"], "source model folder"),
     (["compare", "--suite", "testbed:circle", "--out", "o"], "--delta"),
+    (["evaluate", "--suite", "testbed:circle", "--judge", "classifier:{in}/missing", "--out", "o"], "missing"),
+    (["evaluate", "--suite", "testbed:circle", "--judge", "clip:{in}/afile", "--out", "o"], "afile"),
+    (["evaluate", "--suite", "testbed:circle", "--clip", "{in}/missing", "--out", "o"], "does not exist"),
+    (["evaluate", "--suite", "testbed:circle", "--fid-features", "{in}/afile", "--out", "o"], "is a file"),
+    (["evaluate", "--suite", "testbed:circle", "--judge-option", "threshold", "--out", "o"], "KEY=VALUE"),
+    (["evaluate", "--suite", "testbed:circle", "--delta", "{in}/full", "--out", "o"], "full"),
     # -- attack
     (["attack", "--delta", "{delta}", "--attack", "nope", "--suite", "testbed:circle", "--out", "o"],
      "unknown attack"),
