@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import erasekit
+import erasekit.cli
 from cli_helpers import one_line_error, run
 from erasekit import Delta, UserError
 from erasekit.delta import FOREIGN
@@ -147,3 +148,38 @@ def test_evaluate_runs_on_an_erased_testbed_folder(tmp_path, capsys):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     record = json.dumps(results)
     assert FOREIGN in record and "erased pipeline folder" in record
+
+
+SMALL_RUN = ["--suite", "testbed:circle", "--limit", "1", "--samples", "2", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The public UCE code's output format: the changed tensors, no erasekit metadata."""
+    folder = tmp_path_factory.mktemp("plain")
+    made = folder / "uce.safetensors"
+    assert erasekit.cli.main(["erase", "--method", "uce", "--concept", "circle", "--out", str(made)]) == 0
+    save_file({k: v.contiguous() for k, v in Delta.load(made).tensors.items()}, str(folder / "public.safetensors"))
+    return folder / "public.safetensors"
+
+
+def test_a_plain_state_dict_is_attacked_as_foreign(plain, tmp_path, capsys):
+    small = SMALL_RUN
+    code, _, err = run(capsys, "attack", "--delta", plain, "--attack", "unlearndiff", *small,
+                       "--set", "iterations=1", "--set", "timesteps=1", "--out", tmp_path / "atk")
+    assert code == 0, err
+    erased = json.loads((tmp_path / "atk" / "results.json").read_text())["protocol"]["erased"]
+    assert erased["deltas"][0]["method"] == FOREIGN
+
+
+@pytest.mark.slow
+def test_a_plain_state_dict_is_audited_as_foreign(plain, tmp_path, capsys):
+    small = SMALL_RUN
+    code, _, err = run(capsys, "audit", "--delta", plain, *small, "--random-prompts", "2",
+                       "--set", "unlearndiff.iterations=1", "--set", "unlearndiff.timesteps=1",
+                       "--set", "p4d.iterations=1", "--set", "ringabell.population=4",
+                       "--set", "ringabell.generations=1", "--set", "ringabell.tokens=4", "--set", "ringabell.pairs=4",
+                       "--out", tmp_path / "audit")
+    assert code == 0, err
+    audit = json.loads((tmp_path / "audit" / "results.json").read_text())
+    assert FOREIGN in json.dumps(audit["protocol"]) and "mean_asr" in audit
