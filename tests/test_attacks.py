@@ -464,7 +464,7 @@ def test_a_killed_batched_attack_resumes_batch_by_batch(delta, tmp_path, monkeyp
 
 def test_attack_batch_must_be_positive(delta, tmp_path, capsys):
     code, _, err = run(capsys, *attack_argv(delta, "unlearndiff", tmp_path / "o", "--attack-batch", "0"))
-    assert code == 2 and "attack batch must be a whole number >= 1" in one_line_error(err)
+    assert code == 2 and "--attack-batch: 0 must be at least 1" in one_line_error(err)
     assert not (tmp_path / "o").exists()
 
 
