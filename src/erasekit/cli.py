@@ -31,9 +31,9 @@ def read_prompts(args) -> list[str]:
 
 def load_model(args):
     from .delta import Delta
-    from .model import load
+    from .families import load
 
-    model = load(args.model, allow_pickle=args.allow_pickle_weights)
+    model = load(args.model, allow_pickle=args.allow_pickle_weights, offline=args.offline)
     deltas = [Delta.load(path, base=model) for path in getattr(args, "delta", None) or []]  # all read against the base
     for delta in deltas:
         delta.apply(model)
@@ -69,9 +69,9 @@ def cmd_generate(args) -> None:
 
 def cmd_apply(args) -> None:
     from .delta import Delta
-    from .model import load
+    from .families import load
 
-    model = load(args.model, allow_pickle=args.allow_pickle_weights)
+    model = load(args.model, allow_pickle=args.allow_pickle_weights, offline=args.offline)
     delta = Delta.load(args.delta, base=model)
     delta.check(model)
     change = delta.relative_change(model)
@@ -94,9 +94,9 @@ def cmd_apply(args) -> None:
 def cmd_export(args) -> None:
     from .delta import Delta
     from .export import export
-    from .model import load
+    from .families import load
 
-    model = load(args.model, allow_pickle=args.allow_pickle_weights)
+    model = load(args.model, allow_pickle=args.allow_pickle_weights, offline=args.offline)
     deltas = [Delta.load(p, base=model) for p in args.delta or []]
     out = export(model, args.out, deltas, overwrite=args.overwrite)
     print(f"wrote pipeline folder {out} ({len(deltas)} delta(s) merged)")
@@ -194,7 +194,7 @@ def cmd_erase(args) -> None:
     cfg = methods.build_config(method, values, source=args.config or "--set", testbed=is_testbed(args.model))
     spec = build_spec(args, cfg)
     check_setting_paths(cfg, args.model)
-    model = load_for_run(args.model, allow_pickle=args.allow_pickle_weights)
+    model = load_for_run(args.model, allow_pickle=args.allow_pickle_weights, offline=args.offline)
     for phrase in warn_unknown_tokens(model, [p for t in spec.targets for p in t.phrases]):
         warnings.warn(f"every token of {phrase!r} is unknown to the tokenizer: it carries no meaning to erase",
                       stacklevel=2)
@@ -217,7 +217,7 @@ def cmd_erase(args) -> None:
 def cmd_testbed_evaluate(args) -> None:
     from .checkpoint import atomic_write_json
     from .delta import Delta
-    from .model import load_testbed
+    from .testbed.adapter import load_testbed
     from .testbed.evaluate import attribute_accuracy, concept_report
     from .testbed.judge import load_judge
 
@@ -264,7 +264,10 @@ def cmd_demo(args) -> None:
 def _model_arg(p) -> None:
     p.add_argument("model", nargs="?", default="testbed",
                    help="'testbed' (default), a testbed oracle trained without a value ('testbed:no-circle', "
-                        "'testbed:no-red') or a local diffusers Stable Diffusion folder")
+                        "'testbed:no-red'), a local diffusers pipeline folder (Stable Diffusion 1.x/2.x or SDXL) "
+                        "or a hub id (ORG/NAME or ORG/NAME@REVISION) from the local Hugging Face cache")
+    p.add_argument("--offline", action="store_true",
+                   help="never download: a hub id must be in the local Hugging Face cache (also HF_HUB_OFFLINE=1)")
     p.add_argument("--allow-pickle-weights", action="store_true",
                    help="also load a model folder's pickled .bin weights (unpickling can run code: only for a source "
                         "you trust; default: safetensors only)")

@@ -1,4 +1,4 @@
-"""Tiny Stable-Diffusion-1.x-shaped pipelines built from configs (random weights, nothing downloaded),
+"""Tiny pipelines of each family built from configs (SD1.x, SDXL) (random weights, nothing downloaded),
 for tests and benchmarks: erasekit's own and its users'."""
 
 from __future__ import annotations
@@ -57,6 +57,43 @@ def make_tiny_sd(path: Path, prediction_type: str = "epsilon", seed: int = 0, cr
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+        pipe.save_pretrained(path)
+    return path
+
+
+def make_tiny_sdxl(path: Path, seed: int = 0, text_dim: int = 16, pooled_dim: int = 24) -> Path:
+    """A tiny StableDiffusionXLPipeline folder: two CLIP encoders (the second with a projection) sharing one
+    vocabulary, a UNet with "text_time" added conditioning and cross-attention over both encoders' states."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer()
+    tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!", the first with <|endoftext|>
+
+    def text_config(**extra):
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                              bos_token_id=0, eos_token_id=1, pad_token_id=1, **extra)
+
+    text_encoder = CLIPTextModel(text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(projection_dim=pooled_dim))
+    time_dim = 4
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * text_dim,
+                                attention_head_dim=(2, 4), norm_num_groups=4, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                                projection_class_embeddings_input_dim=6 * time_dim + pooled_dim)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16, scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
         pipe.save_pretrained(path)
     return path
 
