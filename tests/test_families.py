@@ -1,4 +1,4 @@
-"""Model families: SDXL end to end on a tiny pipeline, hub ids from the local cache, and the testbed as an
+"""Model families: SDXL and FLUX.1 end to end on tiny pipelines, hub ids from the local cache, and the testbed as an
 adapter (no import cycle, no name test outside it)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import erasekit
 from cli_helpers import one_line_error, run
-from erasekit.testing import make_tiny_sdxl
+from erasekit.testing import make_tiny_flux, make_tiny_sdxl
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "erasekit"
 
@@ -181,9 +181,84 @@ def test_a_family_erasekit_has_no_adapter_for_is_one_line(tiny_sd, tmp_path, cap
     folder = tmp_path / "flux"
     shutil.copytree(tiny_sd, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
     code, _, err = run(capsys, "info", folder)
-    assert code == 2 and "no FLUX.1 adapter yet" in one_line_error(err)
+    assert code == 2 and "no Stable Diffusion 3 adapter yet" in one_line_error(err)
+
+
+@pytest.fixture(scope="session", params=["dev", "schnell"])
+def tiny_flux(request, tmp_path_factory) -> Path:
+    """dev-like (guidance embeddings) and schnell-like (none) tiny FLUX folders."""
+    return make_tiny_flux(tmp_path_factory.mktemp(f"tiny_flux_{request.param}") / "flux",
+                          guidance=request.param == "dev")
+
+
+def test_flux_encodes_and_samples_as_the_stock_pipeline(tiny_flux):
+    flux = erasekit.load(tiny_flux, device="cpu")
+    prompts = ["a red star", "a cat"]
+    enc = flux.encode(prompts)
+    context, pooled, _ = flux.pipe.encode_prompt(prompts, prompt_2=None, device="cpu",
+                                                 max_sequence_length=flux.max_length)
+    assert flux.family == "flux" and torch.allclose(enc.embeddings, context, atol=1e-6)
+    assert torch.allclose(flux.pooled(enc.cond), pooled, atol=1e-6)
+    mine = flux.sample(["a red star"], [5], steps=4, guidance=3.5, progress=False)
+    flux.pipe.set_progress_bar_config(disable=True)
+    size = mine.shape[-1]
+    theirs = flux.pipe(["a red star"], num_inference_steps=4, guidance_scale=3.5, latents=flux.initial_noise([5]),
+                       output_type="pt", height=size, width=size, max_sequence_length=flux.max_length).images
+    assert torch.allclose(mine, theirs, atol=1e-5)
+
+
+def test_flux_prediction_conventions_invert_the_flow(tiny_flux):
+    flux = erasekit.load(tiny_flux, device="cpu")
+    x0, noise = torch.randn(2, *flux.latent_shape), torch.randn(2, *flux.latent_shape)
+    t = torch.tensor([250.0, 750.0])
+    s = (t / 1000).view(-1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    p = flux.convert(x_t, t, noise - x0)  # the exact velocity gives back x0 and the noise
+    assert torch.allclose(p.x0, x0, atol=1e-5) and torch.allclose(p.eps, noise, atol=1e-5)
+
+
+def test_flux_closed_form_erasure_generate_evaluate_and_export(tiny_flux, tmp_path, capsys, never_judge):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    code, out, _ = run(capsys, "info", tiny_flux)
+    assert code == 0 and json.loads(out)["model"]["family"] == "flux"
+    delta = tmp_path / "uce.safetensors"
+    for method in ("uce", "rece", "erasepro"):
+        out_file = delta if method == "uce" else tmp_path / f"{method}.safetensors"
+        code, _, err = run(capsys, "erase", tiny_flux, "--method", method, "--concept", "cat", "--out", out_file)
+        assert code == 0, err
+    tensors = load_file(delta)
+    assert list(tensors) == ["context_embedder.weight"]  # the text projection UCE's FLUX script edits
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_flux / "transformer")
+    assert not transformer.load_state_dict(tensors, strict=False).unexpected_keys
+    code, _, err = run(capsys, "generate", tiny_flux, "--delta", delta, "-p", "a cat", "--seeds", "0-1", "--steps",
+                       "3", "--out", tmp_path / "g")
+    assert code == 0 and len(list((tmp_path / "g" / "images").glob("*.png"))) == 2, err
+    suite = tmp_path / "cats.txt"
+    suite.write_text("a cat\na photo of a cat\n")
+    code, _, err = run(capsys, "evaluate", tiny_flux, "--delta", delta, "--suite", suite, "--concept", "cat",
+                       "--judge", never_judge, "--steps", "3", "--out", tmp_path / "ev")
+    assert code == 0, err
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["protocol"]["model"]["family"] == "flux"
+    code, _, err = run(capsys, "export", tiny_flux, "--delta", delta, "--out", tmp_path / "ex")
+    assert code == 0, err
+    pipe = FluxPipeline.from_pretrained(tmp_path / "ex", local_files_only=True)
+    assert torch.equal(pipe.transformer.context_embedder.weight.detach(), tensors["context_embedder.weight"])
+
+
+def test_what_flux_cannot_run_yet_is_one_line(tiny_flux, tmp_path, capsys, never_judge):
+    code, _, err = run(capsys, "erase", tiny_flux, "--method", "esd", "--concept", "cat", "--out", tmp_path / "e.st")
+    assert code == 2 and "cannot run fine-tuning on FLUX.1 yet" in one_line_error(err)
+    suite, delta = tmp_path / "cats.txt", tmp_path / "uce.safetensors"
+    suite.write_text("a cat\n")
+    assert run(capsys, "erase", tiny_flux, "--method", "uce", "--concept", "cat", "--out", delta)[0] == 0
+    code, _, err = run(capsys, "attack", tiny_flux, "--delta", delta, "--attack", "unlearndiff", "--suite", suite,
+                       "--concept", "cat",
+                       "--judge", never_judge, "--steps", "2", "--out", tmp_path / "at")
+    assert code == 2 and "cannot run token attacks on FLUX.1 yet" in one_line_error(err)
+    assert not (tmp_path / "e.st").exists() and not (tmp_path / "at").exists()
 
 
 def test_family_neutral_code_neither_imports_the_testbed_nor_asks_for_it_by_name():
@@ -191,8 +266,8 @@ def test_family_neutral_code_neither_imports_the_testbed_nor_asks_for_it_by_name
     through model.world; nothing outside the testbed tests a model's name for "testbed"."""
     import ast
 
-    neutral = [SRC / "model.py", SRC / "families" / "sdxl.py", *(SRC / "methods").glob("*.py"),
-               *(SRC / "attacks").glob("*.py"), *(SRC / "finetune").glob("*.py")]
+    neutral = [SRC / "model.py", SRC / "families" / "sdxl.py", SRC / "families" / "flux.py",
+               *(SRC / "methods").glob("*.py"), *(SRC / "attacks").glob("*.py"), *(SRC / "finetune").glob("*.py")]
     for path in neutral:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):

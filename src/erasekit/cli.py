@@ -179,9 +179,9 @@ def cmd_erase(args) -> None:
     from . import methods
     from .evaluation.commands import load_for_run
     from .evaluation.runner import distributed_state
+    from .families import is_testbed
     from .files import key_values, read_mapping
     from .methods.common import warn_unknown_tokens
-    from .testbed import is_testbed
 
     method = methods.get(args.method)
     values = read_mapping(args.config, "config file") if args.config else {}
@@ -195,6 +195,8 @@ def cmd_erase(args) -> None:
     spec = build_spec(args, cfg)
     check_setting_paths(cfg, args.model)
     model = load_for_run(args.model, allow_pickle=args.allow_pickle_weights, offline=args.offline)
+    if method.fine_tuning or any(part.fine_tuning for part in method.parts):
+        model.require("fine-tuning")
     for phrase in warn_unknown_tokens(model, [p for t in spec.targets for p in t.phrases]):
         warnings.warn(f"every token of {phrase!r} is unknown to the tokenizer: it carries no meaning to erase",
                       stacklevel=2)

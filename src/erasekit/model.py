@@ -84,20 +84,26 @@ class Model:
     def __init__(self, pipe, source: str, name: str, sampler_defaults: dict | None = None,
                  origin: dict | None = None):
         """origin: where the weights came from beyond source (a hub id's repo and revision)."""
-        from diffusers import DDIMScheduler
-
         self.pipe = pipe
         self.source = source
         self.name = name
         self.origin = dict(origin or {})
         self.sampler_defaults = dict(sampler_defaults or {"steps": 50, "guidance": 7.5})
-        # DDIM from the folder's scheduler config. Latents are never clipped unless the config asks:
-        # DDIM's own default (clip_sample=True) would clip SD latents and x0 predictions to [-1, 1].
-        config = dict(pipe.scheduler.config)
-        self.scheduler = DDIMScheduler.from_config(config, clip_sample=bool(config.get("clip_sample", False)))
+        self.scheduler = self.make_scheduler(dict(pipe.scheduler.config))
         if not self.cross_attention_layers():
             raise UserError(f"the denoiser of {source} has no cross-attention (attn2.to_k/to_v) layers: "
                             "erasekit needs a text-conditioned UNet with cross-attention")
+
+    def make_scheduler(self, config: dict):
+        """The sampler every command uses, from the folder's scheduler config: DDIM (eta 0). Latents are never
+        clipped unless the config asks: DDIM's own default (clip_sample=True) would clip SD latents and x0
+        predictions to [-1, 1]."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(config, clip_sample=bool(config.get("clip_sample", False)))
+
+    def require(self, feature: str) -> None:
+        """Refuse in one line what this family cannot run yet ("fine-tuning", "token attacks"); SD runs all."""
 
     # -- components -------------------------------------------------------------------------
     @property

@@ -32,9 +32,10 @@ class Family:
 FAMILIES = (
     Family("sd", ("StableDiffusionPipeline",), "StableDiffusionPipeline", "erasekit.model:Model"),
     Family("sdxl", ("StableDiffusionXLPipeline",), "StableDiffusionXLPipeline", "erasekit.families.sdxl:SDXLModel"),
+    Family("flux", ("FluxPipeline",), "FluxPipeline", "erasekit.families.flux:FluxModel"),
 )
 KNOWN = {p: f for f in FAMILIES for p in f.pipelines}
-NOT_YET = {"FluxPipeline": "FLUX.1", "StableDiffusion3Pipeline": "Stable Diffusion 3"}
+NOT_YET = {"StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxKontextPipeline": "FLUX.1 Kontext"}
 
 
 def is_testbed(source) -> bool:
