@@ -134,6 +134,13 @@ def test_evaluate_and_unlearndiff_on_sdxl(tiny_sdxl, tmp_path, capsys, never_jud
     attacked = json.loads((tmp_path / "at" / "results.json").read_text())
     assert sum(p["attacked"] for p in attacked["prompts"]) == 2 and all(p["adversarial_prompt"]
                                                                        for p in attacked["prompts"])
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("sensitive prompt,normal prompt\na cat on a mat,a dog on a mat\n"
+                     "a photo of a cat,a photo of a dog\n")
+    code, _, err = run(capsys, "attack", tiny_sdxl, *common[:2], "--suite", pairs, *common[4:], "--attack", "ringabell",
+                       "--set", "generations=2", "--set", "population=8", "--out", tmp_path / "rab")
+    assert code == 0, err
+    assert sum(p["attacked"] for p in json.loads((tmp_path / "rab" / "results.json").read_text())["prompts"]) == 2
 
 
 def test_export_on_sdxl_loads_with_the_stock_pipeline(tiny_sdxl, sdxl, tmp_path, capsys):
