@@ -11,7 +11,8 @@ records each round's ASR and the prompts it added.
 
 The training prompts must not be the prompts an audit attacks: on the testbed they are the concept's
 canonical prompts drawn from seeds no suite uses, with every text of the default testbed suite (64
-prompts per set; an audit with more --samples may attack some of them) removed; elsewhere they are the user's own file, and keeping it apart from the audit's is theirs.
+prompts per set; an audit with more --samples may attack some of them) removed; elsewhere they are the
+user's own file, and keeping it apart from the audit's is theirs.
 Each round's delta and attack live in the run folder, so a killed run resumes where it stopped.
 """
 
