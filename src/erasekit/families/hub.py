@@ -44,12 +44,28 @@ def resolve(source: str, offline: bool = False, allow_pickle: bool = False) -> t
     return folder, {"hub_id": repo, "revision": folder.name}
 
 
-def cached_snapshot(repo: str, revision: str | None) -> Path | None:
-    """The cached snapshot folder of repo at revision (a branch, tag or commit; default main), if it holds a
-    pipeline's model_index.json."""
+def local_model_folder(path: str) -> tuple[Path, dict]:
+    """A judge's or metric's transformers model: a local folder, or a hub id found in the local cache (judge
+    models are not downloaded: fetch them with `huggingface-cli download ORG/NAME`)."""
+    folder = Path(path).expanduser()
+    if folder.exists() or not is_hub_id(path):
+        return folder, {}
+    repo, revision = split_revision(path)
+    snapshot = cached_snapshot(repo, revision, marker="config.json")
+    if snapshot is None:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise UserError(f"{path} is neither a folder nor a model in the local Hugging Face cache ({HF_HUB_CACHE}): "
+                        f"fetch it with `huggingface-cli download {repo}` or give its folder")
+    return snapshot, {"hub_id": repo, "revision": snapshot.name}
+
+
+def cached_snapshot(repo: str, revision: str | None, marker: str = "model_index.json") -> Path | None:
+    """The cached snapshot folder of repo at revision (a branch, tag or commit; default main), if it holds
+    marker (a pipeline's model_index.json; a transformers model's config.json)."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo, "model_index.json", revision=revision)
+    found = try_to_load_from_cache(repo, marker, revision=revision)
     return Path(found).parent if isinstance(found, str) else None
 
 
