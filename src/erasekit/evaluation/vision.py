@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import warnings
 from functools import cached_property
-from pathlib import Path
 
 import torch
 
