@@ -181,6 +181,19 @@ CASES = [
      "at least 1"),
     (["audit", "--delta", "{delta}", "--suite", "testbed:dragon", "--out", "o"], "dragon"),
     (["audit", "--delta", "{delta}", "--suite", "testbed:circle", "--out", "{weights}/audit"], "source model folder"),
+    # -- harden
+    (["harden", "--method", "uce", "--concept", "circle", "--concept", "red", "--out", "d.safetensors"],
+     "one concept at a time"),
+    (["harden", "--method", "uce", "--concept", "circle", "--attack", "nope", "--out", "d.safetensors"], "nope"),
+    (["harden", "--method", "uce", "--concept", "circle", "--rounds", "0", "--out", "d.safetensors"], "at least 1"),
+    (["harden", "--method", "uce", "--concept", "circle", "--attack-set", "iterations=-1", "--out", "d.safetensors"],
+     "iterations"),
+    (["harden", "{sd}", "--method", "uce", "--concept", "cat", "--out", "d.safetensors"], "--suite FILE"),
+    (["harden", "{sd}", "--method", "uce", "--concept", "cat", "--out", "{sd}/d.safetensors"], "source model folder"),
+    (["harden", "{sd}", "--method", "uce", "--concept", "cat", "--run-dir", "{sd}/rounds", "--out", "d.safetensors"],
+     "source model folder"),
+    # -- hub ids
+    (["info", "nosuchorg/nosuchmodel", "--offline"], "not in the local Hugging Face cache"),
     # -- demo and testbed commands
     (["demo", "--samples", "0"], "at least 1"),
     (["demo", "--concept", "dragon"], "unknown testbed concept"),

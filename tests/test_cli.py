@@ -256,6 +256,6 @@ def test_every_flag_an_error_or_help_names_exists():
     known = flags(build_parser())
     src = Path(__file__).resolve().parents[1] / "src" / "erasekit"
     code = ["\n".join(line for line in f.read_text().splitlines() if not line.strip().startswith("#"))
-            for f in src.rglob("*.py")]  # comments may name other tools' flags; accelerate's are spelt with _ (--multi_gpu)
+            for f in src.rglob("*.py")]  # comments may name other tools' flags; accelerate's have _ (--multi_gpu)
     named = {m for text in code for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+(?!\w)", text)}
     assert named - known == set(), f"messages name flags no command has: {sorted(named - known)}"

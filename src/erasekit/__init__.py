@@ -3,7 +3,8 @@
 from .delta import Delta
 from .errors import UserError
 from .evaluation.judges import judge_factory
-from .model import Encoded, Model, Prediction, load
+from .families import load
+from .model import Encoded, Model, Prediction
 from .testbed import vae as _pixel_vae  # noqa: F401  (lets diffusers load exported testbed folders)
 
 __version__ = "0.1.0"

@@ -31,9 +31,9 @@ def read_prompts(args) -> list[str]:
 
 def load_model(args):
     from .delta import Delta
-    from .model import load
+    from .families import load
 
-    model = load(args.model, allow_pickle=args.allow_pickle_weights)
+    model = load(args.model, allow_pickle=args.allow_pickle_weights, offline=args.offline)
     deltas = [Delta.load(path, base=model) for path in getattr(args, "delta", None) or []]  # all read against the base
     for delta in deltas:
         delta.apply(model)
@@ -69,9 +69,9 @@ def cmd_generate(args) -> None:
 
 def cmd_apply(args) -> None:
     from .delta import Delta
-    from .model import load
+    from .families import load
 
-    model = load(args.model, allow_pickle=args.allow_pickle_weights)
+    model = load(args.model, allow_pickle=args.allow_pickle_weights, offline=args.offline)
     delta = Delta.load(args.delta, base=model)
     delta.check(model)
     change = delta.relative_change(model)
@@ -94,9 +94,9 @@ def cmd_apply(args) -> None:
 def cmd_export(args) -> None:
     from .delta import Delta
     from .export import export
-    from .model import load
+    from .families import load
 
-    model = load(args.model, allow_pickle=args.allow_pickle_weights)
+    model = load(args.model, allow_pickle=args.allow_pickle_weights, offline=args.offline)
     deltas = [Delta.load(p, base=model) for p in args.delta or []]
     out = export(model, args.out, deltas, overwrite=args.overwrite)
     print(f"wrote pipeline folder {out} ({len(deltas)} delta(s) merged)")
@@ -173,15 +173,11 @@ def check_setting_paths(cfg, model_source) -> None:
             check_output(part.prior_cache, "file", "--set prior_cache", protected, overwrite=True)
 
 
-def cmd_erase(args) -> None:
-    import time
-
+def erase_inputs(args):
+    """(method, config, spec) from erase's arguments, every setting and output path checked."""
     from . import methods
-    from .evaluation.commands import load_for_run
-    from .evaluation.runner import distributed_state
+    from .families import is_testbed
     from .files import key_values, read_mapping
-    from .methods.common import warn_unknown_tokens
-    from .testbed import is_testbed
 
     method = methods.get(args.method)
     values = read_mapping(args.config, "config file") if args.config else {}
@@ -194,10 +190,30 @@ def cmd_erase(args) -> None:
     cfg = methods.build_config(method, values, source=args.config or "--set", testbed=is_testbed(args.model))
     spec = build_spec(args, cfg)
     check_setting_paths(cfg, args.model)
-    model = load_for_run(args.model, allow_pickle=args.allow_pickle_weights)
+    return method, cfg, spec
+
+
+def load_for_erasing(args, method, spec):
+    """The model on this process's device, refusing in one line a method its family cannot run."""
+    from .evaluation.commands import load_for_run
+    from .methods.common import warn_unknown_tokens
+
+    model = load_for_run(args.model, allow_pickle=args.allow_pickle_weights, offline=args.offline)
+    if method.fine_tuning or any(part.fine_tuning for part in method.parts):
+        model.require("fine-tuning")
     for phrase in warn_unknown_tokens(model, [p for t in spec.targets for p in t.phrases]):
         warnings.warn(f"every token of {phrase!r} is unknown to the tokenizer: it carries no meaning to erase",
                       stacklevel=2)
+    return model
+
+
+def cmd_erase(args) -> None:
+    import time
+
+    from .evaluation.runner import distributed_state
+
+    method, cfg, spec = erase_inputs(args)
+    model = load_for_erasing(args, method, spec)
     start = time.time()
     delta = method.erase(model, spec, cfg)
     delta.config["spec"] = {"source": "--spec" if args.spec else "testbed spec" if args.testbed_spec
@@ -217,7 +233,7 @@ def cmd_erase(args) -> None:
 def cmd_testbed_evaluate(args) -> None:
     from .checkpoint import atomic_write_json
     from .delta import Delta
-    from .model import load_testbed
+    from .testbed.adapter import load_testbed
     from .testbed.evaluate import attribute_accuracy, concept_report
     from .testbed.judge import load_judge
 
@@ -261,10 +277,37 @@ def cmd_demo(args) -> None:
 
 
 # -- parser ---------------------------------------------------------------------------------------
+def erase_args(p) -> None:
+    """What to erase and how: the arguments erase and harden share."""
+    p.add_argument("--method", required=True, help="uce, rece, erasepro, trce-stage1")
+    p.add_argument("--concept", action="append",
+                   help="a target concept, optionally with synonyms: 'star' or 'star:five-pointed star,starburst' "
+                        "(repeatable)")
+    p.add_argument("--anchor", action="append",
+                   help="the anchor/guide concept (one, or one per target; default '', 'art' with --templates art)")
+    p.add_argument("--preserve", action="append", help="a concept to preserve (repeatable)")
+    p.add_argument("--expand", action="store_true", help="expand every phrase with the prompt templates")
+    p.add_argument("--templates", help="template set for --expand: object (default) or art")
+    p.add_argument("--expansion", default="uce", help="--expand's rule: uce (the public UCE code's: bare phrase plus "
+                   "templates, preserve concepts as given; default) or templates (templated prompts only, for all)")
+    p.add_argument("--testbed-spec", action="store_true",
+                   help="testbed only: the spec of its experiments (training synonyms, another value of the same "
+                        "attribute as anchor, the other values preserved, 24 captions in the testbed's grammar; "
+                        "the ESD family gets the phrases alone)")
+    p.add_argument("--spec", help="a YAML/TOML/JSON concept spec instead of --concept/--anchor/--preserve")
+    p.add_argument("--config", help="a YAML/TOML/JSON file of method options")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--out", required=True, help="the delta file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing delta file")
+
+
 def _model_arg(p) -> None:
     p.add_argument("model", nargs="?", default="testbed",
                    help="'testbed' (default), a testbed oracle trained without a value ('testbed:no-circle', "
-                        "'testbed:no-red') or a local diffusers Stable Diffusion folder")
+                        "'testbed:no-red'), a local diffusers pipeline folder (Stable Diffusion 1.x/2.x or SDXL) "
+                        "or a hub id (ORG/NAME or ORG/NAME@REVISION) from the local Hugging Face cache")
+    p.add_argument("--offline", action="store_true",
+                   help="never download: a hub id must be in the local Hugging Face cache (also HF_HUB_OFFLINE=1)")
     p.add_argument("--allow-pickle-weights", action="store_true",
                    help="also load a model folder's pickled .bin weights (unpickling can run code: only for a source "
                         "you trust; default: safetensors only)")
@@ -309,26 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("erase", help="erase concepts with a method; writes a delta")
     _model_arg(p)
-    p.add_argument("--method", required=True, help="uce, rece, erasepro, trce-stage1")
-    p.add_argument("--concept", action="append",
-                   help="a target concept, optionally with synonyms: 'star' or 'star:five-pointed star,starburst' "
-                        "(repeatable)")
-    p.add_argument("--anchor", action="append",
-                   help="the anchor/guide concept (one, or one per target; default '', 'art' with --templates art)")
-    p.add_argument("--preserve", action="append", help="a concept to preserve (repeatable)")
-    p.add_argument("--expand", action="store_true", help="expand every phrase with the prompt templates")
-    p.add_argument("--templates", help="template set for --expand: object (default) or art")
-    p.add_argument("--expansion", default="uce", help="--expand's rule: uce (the public UCE code's: bare phrase plus "
-                   "templates, preserve concepts as given; default) or templates (templated prompts only, for all)")
-    p.add_argument("--testbed-spec", action="store_true",
-                   help="testbed only: the spec of its experiments (training synonyms, another value of the same "
-                        "attribute as anchor, the other values preserved, 24 captions in the testbed's grammar; "
-                        "the ESD family gets the phrases alone)")
-    p.add_argument("--spec", help="a YAML/TOML/JSON concept spec instead of --concept/--anchor/--preserve")
-    p.add_argument("--config", help="a YAML/TOML/JSON file of method options")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
-    p.add_argument("--out", required=True, help="the delta file to write (.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing delta file")
+    erase_args(p)
     p.set_defaults(func=cmd_erase, inputs=[("spec", "file"), ("config", "file")], outputs=[("out", "file")])
 
     p = sub.add_parser("demo", help="the whole story on the built-in testbed: generate, judge, erase, measure")
@@ -347,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .audit.commands import add_parser as add_audit_parser
 
     add_audit_parser(sub, _model_arg)
+    from .hardening.commands import add_parser as add_harden_parser
+
+    add_harden_parser(sub, _model_arg, erase_args)
 
     testbed = sub.add_parser("testbed", help="the built-in miniature text-to-image model")
     tsub = testbed.add_subparsers(dest="testbed_command", required=True, metavar="COMMAND")

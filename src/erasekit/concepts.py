@@ -34,7 +34,7 @@ TEMPLATE_SETS = {
     "object": ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
     "art": ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
 }
-SPEC_KEYS = {"targets", "anchors", "preserve", "templates", "expand", "expansion"}
+SPEC_KEYS = {"targets", "anchors", "preserve", "templates", "expand", "expansion", "adversarial"}
 EXPANSIONS = ("uce", "templates")  # see the module docstring
 
 
@@ -65,6 +65,8 @@ class ConceptSpec:
     templates: list[str] = field(default_factory=lambda: list(TEMPLATE_SETS["object"]))
     expand: bool = False
     expansion: str = "uce"  # see EXPANSIONS
+    # hardening's prompt pairs, used as given (never expanded): [{"target": ..., "anchor": ..., "concept": ...}]
+    adversarial: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self.targets = [t if isinstance(t, Concept) else Concept(str(t)) for t in self.targets]
@@ -100,8 +102,13 @@ class ConceptSpec:
         expand = data.get("expand", False)
         if not isinstance(expand, bool):
             raise UserError(f"{source}: expand must be true or false, got {expand!r}")
+        adversarial = _listed(data.get("adversarial"), "adversarial", source)
+        if not all(isinstance(a, dict) and set(a) == {"target", "anchor", "concept"}
+                   and all(isinstance(v, str) for v in a.values()) for a in adversarial):
+            raise UserError(f"{source}: each adversarial entry is a mapping of target, anchor and concept texts")
         return cls(targets=targets, anchors=anchors, preserve=_texts(data.get("preserve"), "preserve", source),
-                   templates=templates, expand=expand, expansion=data.get("expansion", "uce"))
+                   templates=templates, expand=expand, expansion=data.get("expansion", "uce"),
+                   adversarial=[dict(a) for a in adversarial])
 
     @classmethod
     def from_file(cls, path: str | Path) -> ConceptSpec:
@@ -147,7 +154,7 @@ class ConceptSpec:
             for phrase in target.phrases if synonyms else [target.name]:
                 for t_prompt, a_prompt in zip(self._fill(phrase), self._fill(anchor)):
                     out.append(PromptPair(t_prompt, a_prompt, target.name))
-        return out
+        return out + [PromptPair(a["target"], a["anchor"], a["concept"]) for a in self.adversarial]
 
     def preserve_prompts(self) -> list[str]:
         """The preserve concepts as prompts: as given under the "uce" rule, templated under "templates"."""
@@ -158,7 +165,8 @@ class ConceptSpec:
     def to_dict(self) -> dict:
         return {"targets": [{"name": t.name, "synonyms": t.synonyms} for t in self.targets],
                 "anchors": self.anchors, "preserve": self.preserve, "templates": self.templates,
-                "expand": self.expand, "expansion": self.expansion}
+                "expand": self.expand, "expansion": self.expansion,
+                **({"adversarial": self.adversarial} if self.adversarial else {})}
 
 
 def _listed(value, key: str, source: str) -> list:

@@ -12,7 +12,9 @@ from .outputs import atomic_dir
 
 def export(model: Model, out: str | Path, deltas: list[Delta] = (), overwrite: bool = False) -> Path:
     """Write model (with deltas applied in order) to out; model is left as it was."""
-    protected = [Path(model.source)] if Path(model.source).is_dir() else []
+    from .outputs import protected_folders
+
+    protected = protected_folders(model.source)
     applied = []
     try:
         for delta in deltas:
@@ -20,7 +22,7 @@ def export(model: Model, out: str | Path, deltas: list[Delta] = (), overwrite: b
         with atomic_dir(Path(out), overwrite=overwrite, protected=protected) as tmp:
             model.pipe.save_pretrained(tmp, safe_serialization=True)
             record = {"base": model.identity(), "deltas": [d.metadata() for d in deltas],
-                      "loading": "StableDiffusionPipeline.from_pretrained(folder); for the testbed, "
+                      "loading": f"{type(model.pipe).__name__}.from_pretrained(folder); for the testbed, "
                                  "`import erasekit` first (it provides the PixelVAE class)"}
             atomic_write_json(tmp / "erasekit_export.json", record)
     finally:

@@ -1,16 +1,17 @@
-"""One adapter over a Stable-Diffusion-shaped diffusers pipeline (SD1.x, SD2.x, the testbed).
+"""The model interface every family's adapter implements, and its SD1.x/SD2.x implementation.
 
 Methods, attacks and evaluation talk to a Model, never to a specific architecture: it encodes
-prompts (with token positions taken from token ids), lists the cross-attention K/V projections,
-predicts epsilon, x0 and v in one convention whatever the model was trained to predict, and
-samples or rolls out with batched DDIM and classifier-free guidance.
+prompts (with token positions taken from token ids) into the denoiser's conditioning, lists the
+cross-attention K/V projections a closed-form edit may change, predicts epsilon, x0 and v in one
+convention whatever the model was trained to predict, and samples or rolls out with batched DDIM
+and classifier-free guidance. Other families (erasekit.families: SDXL; the testbed in
+erasekit.testbed.adapter) subclass it and override what differs; none of this module knows them.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -23,11 +24,18 @@ class Encoded:
     """Text-encoder output for a batch of prompts, with the token positions that matter."""
 
     prompts: list[str]
-    embeddings: torch.Tensor  # (N, L, d)
+    embeddings: torch.Tensor  # (N, L, d) what the cross-attention K/V projections read
     input_ids: torch.Tensor  # (N, L)
     attention_mask: torch.Tensor  # (N, L)
     eot: torch.Tensor  # (N,) first end-of-text ([SEP] for BERT-style encoders) position, from the ids
     truncated: list[bool]
+    conditioning: torch.Tensor | None = None  # what the denoiser is called with, when it is more than embeddings
+
+    @property
+    def cond(self) -> torch.Tensor:
+        """The denoiser's conditioning for these prompts (model.raw's third argument): the embeddings
+        themselves for SD; for SDXL the embeddings with the pooled text embedding packed in."""
+        return self.embeddings if self.conditioning is None else self.conditioning
 
     @property
     def key(self) -> torch.Tensor:
@@ -66,22 +74,36 @@ class CrossAttentionLayer:
 
 
 class Model:
-    """A loaded text-to-image model. Build one with erasekit.load()."""
+    """A loaded text-to-image model. Build one with erasekit.load(). This class is the SD1.x/SD2.x adapter
+    (one CLIP or BERT-style text encoder, a UNet with cross-attention); a family overrides what differs."""
 
-    def __init__(self, pipe, source: str, name: str, sampler_defaults: dict | None = None):
-        from diffusers import DDIMScheduler
+    family = "sd"  # the adapter's family name, recorded in identity()
+    world = None  # a prompt world (the testbed's): ground-truth prompt sets, captions and a CLIP scorer
+    text_components = ("text_encoder",)  # pipeline components a delta key may name by prefix ("text_encoder.")
 
+    def __init__(self, pipe, source: str, name: str, sampler_defaults: dict | None = None,
+                 origin: dict | None = None):
+        """origin: where the weights came from beyond source (a hub id's repo and revision)."""
         self.pipe = pipe
         self.source = source
         self.name = name
+        self.origin = dict(origin or {})
         self.sampler_defaults = dict(sampler_defaults or {"steps": 50, "guidance": 7.5})
-        # DDIM from the folder's scheduler config. Latents are never clipped unless the config asks:
-        # DDIM's own default (clip_sample=True) would clip SD latents and x0 predictions to [-1, 1].
-        config = dict(pipe.scheduler.config)
-        self.scheduler = DDIMScheduler.from_config(config, clip_sample=bool(config.get("clip_sample", False)))
+        self.scheduler = self.make_scheduler(dict(pipe.scheduler.config))
         if not self.cross_attention_layers():
             raise UserError(f"the denoiser of {source} has no cross-attention (attn2.to_k/to_v) layers: "
                             "erasekit needs a text-conditioned UNet with cross-attention")
+
+    def make_scheduler(self, config: dict):
+        """The sampler every command uses, from the folder's scheduler config: DDIM (eta 0). Latents are never
+        clipped unless the config asks: DDIM's own default (clip_sample=True) would clip SD latents and x0
+        predictions to [-1, 1]."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(config, clip_sample=bool(config.get("clip_sample", False)))
+
+    def require(self, feature: str) -> None:
+        """Refuse in one line what this family cannot run yet ("fine-tuning", "token attacks"); SD runs all."""
 
     # -- components -------------------------------------------------------------------------
     @property
@@ -99,6 +121,13 @@ class Model:
     @property
     def vae(self):
         return self.pipe.vae
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's trainable parts by delta prefix: "unet" (bare keys) and each text encoder."""
+        return {"unet": self.unet, **{name: getattr(self.pipe, name) for name in self.text_components}}
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self.pipe, name) for name in self.text_components]
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +161,8 @@ class Model:
         return {
             "name": self.name,
             "source": self.source,
+            "family": self.family,
+            **self.origin,
             "unet": type(self.unet).__name__,
             "cross_attention_dim": cfg.cross_attention_dim,
             "block_out_channels": list(cfg.block_out_channels),
@@ -163,16 +194,47 @@ class Model:
             if cut:
                 warnings.warn(f"prompt truncated to the tokenizer's {self.max_length} tokens: {prompt[:60]!r}",
                               stacklevel=2)
-        use_mask = bool(getattr(self.text_encoder.config, "use_attention_mask", False))
-        outs = []
-        for i in range(0, len(prompts), batch_size):
-            chunk_ids = ids[i:i + batch_size].to(self.text_encoder.device)
-            chunk_mask = mask[i:i + batch_size].to(self.text_encoder.device) if use_mask else None
-            outs.append(self.text_encoder(chunk_ids, attention_mask=chunk_mask)[0])
-        emb = torch.cat(outs).to(self.dtype)
+        cond = torch.cat([self.encode_tokens(ids[i:i + batch_size], mask[i:i + batch_size])
+                          for i in range(0, len(prompts), batch_size)])
+        emb = self.context(cond)
         is_end = ids == self.end_token_id
         eot = torch.where(is_end.any(1), is_end.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
-        return Encoded(prompts, emb, ids, mask, eot, truncated)
+        return Encoded(prompts, emb, ids, mask, eot, truncated, None if emb is cond else cond)
+
+    def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor, substitute=None) -> torch.Tensor:
+        """The denoiser's conditioning (B, L, d) for token ids (B, L) with attention mask (B, L) or (1, L).
+        substitute(table, k), when given, returns the token embeddings (B, L, d_tok) text encoder k (0: the
+        first) reads instead of looking ids up in its embedding table `table` (differentiably; attacks
+        optimize them), or None to look the ids up."""
+        return self._encoder_states(self.text_encoder, 0, ids, mask, substitute)
+
+    def _encoder_states(self, encoder, k: int, ids, mask, substitute, output=None):
+        """One text encoder's output for ids, with substitute's token embeddings when given; output picks
+        a hidden state (default: the last layer's)."""
+        use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+        ids, mask = ids.to(encoder.device), mask.to(encoder.device).expand(ids.shape[0], -1)
+        table = encoder.get_input_embeddings()
+        embeds = substitute(table.weight, k) if substitute is not None else None
+        handle = None if embeds is None else table.register_forward_hook(lambda m, i, o: embeds.to(o.dtype))
+        try:
+            out = encoder(ids, attention_mask=mask if use_mask else None, output_hidden_states=output is not None)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return (out[0] if output is None else output(out)).to(self.dtype)
+
+    def extend_context(self, cond: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A conditioning whose cross-attention context has rows (N, R, d) appended (Co-Erasing's image tokens)."""
+        return torch.cat([cond, rows.to(cond.dtype)], dim=1)
+
+    def unconditional(self, negative_prompt: str = "") -> torch.Tensor:
+        """(1, L, d) the conditioning classifier-free guidance pairs with: the negative prompt's encoding, as
+        the family's stock pipeline makes it."""
+        return self.encode([negative_prompt]).cond
+
+    def context(self, cond: torch.Tensor) -> torch.Tensor:
+        """The rows of a conditioning that the cross-attention K/V read (all of them for SD)."""
+        return cond
 
     # -- denoiser -----------------------------------------------------------------------------
     def cross_attention_layers(self) -> list[CrossAttentionLayer]:
@@ -184,32 +246,37 @@ class Model:
         return layers
 
     def text_mlp_layers(self) -> list[tuple[str, torch.nn.Linear]]:
-        """The text encoder's MLP output projections, shallow to deep, as (delta key, module):
-        CLIP's mlp.fc2, BERT's output.dense (not the attention's)."""
+        """Each text encoder's MLP output projections, shallow to deep, as (delta key, module): CLIP's
+        mlp.fc2, BERT's output.dense (not the attention's)."""
         layers = []
-        for name, module in self.text_encoder.named_modules():
-            if isinstance(module, torch.nn.Linear) and (
-                    name.endswith("mlp.fc2") or (name.endswith("output.dense") and "attention" not in name)):
-                layers.append((f"text_encoder.{name}.weight", module))
+        for prefix in self.text_components:
+            for name, module in getattr(self.pipe, prefix).named_modules():
+                if isinstance(module, torch.nn.Linear) and (
+                        name.endswith("mlp.fc2") or (name.endswith("output.dense") and "attention" not in name)):
+                    layers.append((f"{prefix}.{name}.weight", module))
         return layers
 
     def residual_sum(self, key: str) -> tuple[torch.nn.Module, str]:
         """Where a text MLP output projection's output joins the residual stream, as (module, 'input' or
         'output'): the hidden state there is that projection's output plus what skips around it. CLIP
         (pre-LN): the encoder layer's output. BERT (post-LN): the input of output.LayerNorm."""
-        name = key.removeprefix("text_encoder.").removesuffix(".weight")
-        modules = dict(self.text_encoder.named_modules())
-        if name.endswith("mlp.fc2"):
+        component, name = split_key(key)
+        name = name.removesuffix(".weight")
+        modules = dict(getattr(self.pipe, component).named_modules()) if component != "unet" else {}
+        if name.endswith("mlp.fc2") and modules:
             return modules[name.removesuffix(".mlp.fc2")], "output"
-        if name.endswith("output.dense"):
+        if name.endswith("output.dense") and modules:
             return modules[name.removesuffix(".dense") + ".LayerNorm"], "input"
         raise UserError(f"{key} is not a text MLP output projection this adapter knows (CLIP fc2, BERT output.dense)")
 
     def parameter(self, name: str) -> torch.Tensor:
-        """A parameter by delta key: bare names are the UNet's, 'text_encoder.*' the text encoder's."""
+        """A parameter by delta key: bare names are the UNet's, 'text_encoder.*' the text encoder's (and
+        'text_encoder_2.*' the second one's, for a family that has one)."""
         component, key = split_key(name)
-        params = dict(getattr(self.pipe, component).named_parameters())
-        key = text_model_name(key, params) if component == "text_encoder" else key
+        if component not in self.components():
+            raise KeyError(name)
+        params = dict(self.components()[component].named_parameters())
+        key = text_model_name(key, params) if component != "unet" else key
         if key not in params:
             raise KeyError(name)
         return params[key]
@@ -218,12 +285,23 @@ class Model:
         a = self.scheduler.alphas_cumprod.to(like.device)[t.to(like.device).long()]
         return a.to(torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
-    def raw(self, x_t: torch.Tensor, t: torch.Tensor | int, emb: torch.Tensor) -> torch.Tensor:
-        """The UNet's own output, in its own prediction type."""
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor | int, emb: torch.Tensor,
+            params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The denoiser's own output, in its own prediction type, for conditioning emb (Encoded.cond).
+        params: denoiser tensors (bare names) to use instead of the module's own for this call."""
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        return self.unet(x_t.to(self.dtype), t, emb.to(self.dtype)).sample
+        args, kwargs = self.denoiser_inputs(x_t.to(self.dtype), t, emb.to(self.dtype))
+        if params:
+            from torch.func import functional_call
+
+            return functional_call(self.unet, params, args, kwargs).sample
+        return self.unet(*args, **kwargs).sample
+
+    def denoiser_inputs(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> tuple[tuple, dict]:
+        """The denoiser's call arguments for latents, timesteps (B,) and conditioning."""
+        return (x_t, t, cond), {}
 
     def guided(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None):
         """Raw output with classifier-free guidance: u + g (c - u); no guidance when g is None or <= 1."""
@@ -302,10 +380,10 @@ class Model:
         steps = steps or self.sampler_defaults["steps"]
         guidance = self.sampler_defaults["guidance"] if guidance is None else guidance
         batches = self._batches(prompts, seeds, batch_size)
-        uncond = self.encode([negative_prompt]).embeddings
+        uncond = self.unconditional(negative_prompt)
         results = []
         for chunk, chunk_seeds in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2):
-            latents = self.denoise(self.initial_noise(chunk_seeds), self.encode(chunk).embeddings, uncond,
+            latents = self.denoise(self.initial_noise(chunk_seeds), self.encode(chunk).cond, uncond,
                                    steps, guidance, progress=progress and len(batches) == 1)
             results.append(latents if output == "latents" else self.decode(latents))
         return torch.cat(results)
@@ -319,8 +397,8 @@ class Model:
         guidance = self.sampler_defaults["guidance"] if guidance is None else guidance
         if not 0 <= to_step < steps:
             raise UserError(f"to_step {to_step} is outside the {steps}-step schedule: use 0..{steps - 1}")
-        uncond = self.encode([""]).embeddings
-        latents = [self.denoise(self.initial_noise(s), self.encode(p).embeddings, uncond, steps, guidance, stop=to_step)
+        uncond = self.unconditional()
+        latents = [self.denoise(self.initial_noise(s), self.encode(p).cond, uncond, steps, guidance, stop=to_step)
                    for p, s in self._batches(prompts, seeds, batch_size)]
         return torch.cat(latents), self.timesteps(steps)[to_step]
 
@@ -334,10 +412,14 @@ def text_model_name(key: str, names) -> str:
     return other if other in names else key
 
 
+TEXT_PREFIXES = ("text_encoder_2.", "text_encoder.")  # delta key prefixes of text encoders, longest first
+
+
 def split_key(name: str) -> tuple[str, str]:
-    """Delta key -> (pipeline component, parameter name inside it)."""
-    if name.startswith("text_encoder."):
-        return "text_encoder", name[len("text_encoder."):]
+    """Delta key -> (pipeline component, parameter name inside it): bare names are the denoiser's."""
+    for prefix in TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return prefix[:-1], name[len(prefix):]
     return "unet", name
 
 
@@ -350,37 +432,6 @@ def guidance_batch(x_t: torch.Tensor, t, emb: torch.Tensor, uncond: torch.Tensor
     return torch.cat([x_t, x_t]), t2, torch.cat([uncond.expand(n, -1, -1), emb.expand(n, -1, -1)])
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    """The device asked for, else CUDA when present, else the CPU."""
-    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load(source: str | Path = "testbed", device: str | torch.device | None = None,
-         dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> Model:
-    """Load a model: "testbed" (the built-in miniature model), one of its oracles ("testbed:no-circle", trained
-    without circle) or a local diffusers pipeline folder. A folder's weights are read only from safetensors
-    files unless allow_pickle (a folder of pickled .bin weights can run code when loaded: only for a source
-    you trust)."""
-    from .testbed import is_testbed, weights_for
-
-    if is_testbed(source):
-        return load_testbed(weights_for(str(source)), device=device, dtype=dtype, source=str(source))
-    quiet_libraries()
-    pipe = _load_folder(Path(source), allow_pickle=allow_pickle)
-    return Model(pipe.to(_device(device), dtype), str(source), Path(source).name)
-
-
-def load_testbed(weights: str | Path | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, source: str = "testbed") -> Model:
-    """The testbed with its shipped denoiser, or with the one in weights (a `testbed train` run's weights/).
-    Every testbed model is named "testbed" (same world, judge and settings); source tells them apart."""
-    from .testbed import SAMPLER_DEFAULTS, load_pipeline
-
-    quiet_libraries()
-    pipe = load_pipeline(Path(weights) if weights else None)
-    return Model(pipe.to(_device(device), dtype), source, "testbed", SAMPLER_DEFAULTS)
-
-
 def quiet_libraries() -> None:
     """Keep diffusers' and transformers' loading bars and notices out of erasekit's output."""
     import diffusers
@@ -390,43 +441,3 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-PICKLE_FIX = ("convert it to safetensors in an environment you trust with it (StableDiffusionPipeline.from_pretrained"
-              "(folder).save_pretrained(new_folder, safe_serialization=True)), or pass --allow-pickle-weights "
-              "(Python: allow_pickle=True) if you trust its source")
-
-
-def pickled_only(folder: Path) -> list[Path]:
-    """Per component folder of a pipeline folder, a pickled weight file when the folder has no safetensors one."""
-    found = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        pickled = sorted(f for pattern in PICKLE_WEIGHTS for f in sub.glob(pattern))
-        if pickled and not any(sub.glob("*.safetensors")):
-            found.append(pickled[0])
-    return found
-
-
-def _load_folder(path: Path, allow_pickle: bool = False):
-    from diffusers import StableDiffusionPipeline
-
-    if not path.exists():
-        raise UserError(f"model folder {path} does not exist: give a local diffusers pipeline folder or 'testbed'")
-    if not path.is_dir() or not (path / "model_index.json").is_file():
-        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json): give the folder that "
-                        "holds model_index.json, unet/, text_encoder/, tokenizer/, vae/ and scheduler/")
-    pickled = pickled_only(path)
-    if pickled and not allow_pickle:
-        raise UserError(f"{path} holds pickled weights ({pickled[0].relative_to(path)}) and no safetensors for "
-                        f"{pickled[0].parent.name}/: erasekit loads no pickle by default (unpickling can run code); "
-                        + PICKLE_FIX)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                           local_files_only=True,
-                                                           use_safetensors=None if allow_pickle else True)
-    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one line for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load {path} as a Stable Diffusion pipeline: {first[:300]}") from exc

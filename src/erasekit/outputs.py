@@ -55,13 +55,17 @@ def atomic_dir(out: Path, overwrite: bool = False, protected: list[Path] = ()):
 
 
 def protected_folders(model_source: str | Path | None) -> list[Path]:
-    """Folders no command may write into: the source model folder (when it is one) and the testbed's
-    shipped weights inside the installed package."""
+    """Folders no command may write into: the source model folder (a folder, or a hub id's cached snapshot)
+    and the testbed's shipped weights inside the installed package."""
+    from .families.hub import cached_snapshot, is_hub_id, split_revision
     from .testbed import WEIGHTS_DIR
 
     folders = [WEIGHTS_DIR]
     if model_source is not None and Path(model_source).is_dir():
         folders.append(Path(model_source))
+    elif model_source is not None and is_hub_id(str(model_source)):
+        snapshot = cached_snapshot(*split_revision(str(model_source)))
+        folders += [snapshot] if snapshot is not None else []
     return folders
 
 

@@ -1,4 +1,4 @@
-"""Tiny Stable-Diffusion-1.x-shaped pipelines built from configs (random weights, nothing downloaded),
+"""Tiny pipelines of each family built from configs (SD1.x, SDXL, FLUX.1) (random weights, nothing downloaded),
 for tests and benchmarks: erasekit's own and its users'."""
 
 from __future__ import annotations
@@ -57,6 +57,90 @@ def make_tiny_sd(path: Path, prediction_type: str = "epsilon", seed: int = 0, cr
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+        pipe.save_pretrained(path)
+    return path
+
+
+def make_tiny_sdxl(path: Path, seed: int = 0, text_dim: int = 16, pooled_dim: int = 24) -> Path:
+    """A tiny StableDiffusionXLPipeline folder: two CLIP encoders (the second with a projection) sharing one
+    vocabulary, a UNet with "text_time" added conditioning and cross-attention over both encoders' states."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = make_tokenizer(), make_tokenizer()
+    tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!", the first with <|endoftext|>
+
+    def text_config(**extra):
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                              bos_token_id=0, eos_token_id=1, pad_token_id=1, **extra)
+
+    text_encoder = CLIPTextModel(text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(projection_dim=pooled_dim))
+    time_dim = 4
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * text_dim,
+                                attention_head_dim=(2, 4), norm_num_groups=4, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                                projection_class_embeddings_input_dim=6 * time_dim + pooled_dim)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16, scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+        pipe.save_pretrained(path)
+    return path
+
+
+def make_t5_tokenizer(max_length: int = 32):
+    """A T5 (Unigram, SentencePiece-style) tokenizer over a few whole words and single characters: no begin
+    token, "</s>" after the text, "<pad>" padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = "a an the of photo red star cat dog car circle on black white background striped painting by".split()
+    chars = sorted(set("".join(words)) | set("bcdefghijklmnopqrstuvwxyz"))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words] + [("\u2581", -2.0)] + [(c, -5.0) for c in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def make_tiny_flux(path: Path, seed: int = 0, guidance: bool = True, t5_dim: int = 32, clip_dim: int = 16) -> Path:
+    """A tiny FluxPipeline folder (dev-like with guidance embeddings, schnell-like without): a CLIP encoder for
+    the pooled embedding, a T5 encoder for the sequence, a flow-matching transformer and a 16-channel VAE."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = make_tokenizer(), make_t5_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=clip_dim, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=8, d_ff=48,
+                                             num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=t5_dim,
+                                         pooled_projection_dim=clip_dim, guidance_embeds=guidance,
+                                         axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
         pipe.save_pretrained(path)
     return path
 

@@ -32,8 +32,8 @@ def add_parser(sub, model_arg) -> None:
 
 def cmd_attack(args) -> None:
     from ..evaluation.commands import build_run
+    from ..families import is_testbed
     from ..files import key_values
-    from ..testbed import is_testbed
     from . import build_config, get
     from .runner import BATCH, make_context, run_attack
 

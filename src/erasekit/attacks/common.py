@@ -70,7 +70,7 @@ class AttackContext:
             images = m.sample(texts, seeds, steps=s.steps, guidance=guidance, negative_prompt=s.negative_prompt,
                               batch_size=s.batch_size, progress=False)
             return quantize(images)
-        uncond = m.encode([s.negative_prompt]).embeddings
+        uncond = m.unconditional(s.negative_prompt)
         latents = m.denoise(m.initial_noise(seeds), embeddings.to(m.device, m.dtype), uncond, s.steps, guidance)
         return quantize(m.decode(latents))
 

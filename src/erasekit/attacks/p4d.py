@@ -59,8 +59,8 @@ def original_trajectories(ctx: AttackContext, prompts: list) -> tuple[torch.Tens
     """(x_t (S, B, ...), t (S,), the original model's conditional output (S, B, ...)) at every step of its
     own guided DDIM trajectory for each prompt, all prompts denoised as one batch."""
     m, s = ctx.original, ctx.settings
-    emb = m.encode([p.text for p in prompts]).embeddings
-    uncond = m.encode([s.negative_prompt]).embeddings
+    emb = m.encode([p.text for p in prompts]).cond
+    uncond = m.unconditional(s.negative_prompt)
     latents = m.initial_noise([p.seed for p in prompts])
     xs, ts, outs = [], [], []
     for t in m.timesteps(s.steps):
@@ -98,10 +98,10 @@ def attack(ctx: AttackContext, prompts: list, cfg: P4DConfig, gens: list[torch.G
             soft = opt.param.detach().requires_grad_()
             hard = nearest(soft.detach(), words)
             through = soft + (words[hard] - soft).detach()
-            embeds = torch.cat([slot_embeddings(model, sp, through[a:b][None])
-                                for sp, a, b in zip(sps, bounds, bounds[1:])])
             ids = torch.cat([sp.with_tokens(vocab[hard[a:b]]) for sp, a, b in zip(sps, bounds, bounds[1:])])
-            emb = encode_ids(model, ids, masks, embeds)
+            # the first encoder reads the soft tokens (straight through); any other reads the hard ones
+            emb = encode_ids(model, ids, masks, lambda table, k, through=through: None if k else torch.cat(
+                [slot_embeddings(table, sp, through[a:b][None]) for sp, a, b in zip(sps, bounds, bounds[1:])]))
             per_prompt = (model.raw(x_t, t, emb).float() - target).pow(2).flatten(1).mean(dim=1)
             losses.append(per_prompt.detach().cpu())
             grad, = torch.autograd.grad(per_prompt.sum(), [soft])

@@ -42,8 +42,8 @@ def concept_pairs(ctx: AttackContext, suite, n: int) -> tuple[list[str], list[st
     """Prompts with and without the concept, pair by pair: from a testbed suite (the same scene with
     the concept swapped for another value of its attribute) or a suite whose target and preservation
     sets are paired row by row (Ring-A-Bell's own CSV)."""
-    if suite.layout == "testbed":
-        return _testbed_pairs(suite.concepts, n)
+    if suite.layout == "testbed" and ctx.model.world is not None:
+        return ctx.model.world.concept_pairs(suite.concepts, n)
     names = {s.name: s for s in suite.sets}
     if suite.layout == "ringabell" and "target" in names and "preservation" in names:
         return [p.text for p in names["target"].prompts], [p.text for p in names["preservation"].prompts]
@@ -51,28 +51,10 @@ def concept_pairs(ctx: AttackContext, suite, n: int) -> tuple[list[str], list[st
                     f"CSV (columns 'sensitive prompt' and 'normal prompt'), not {suite.name}")
 
 
-def _testbed_pairs(concepts, n: int) -> tuple[list[str], list[str]]:
-    import numpy as np
-
-    from ..testbed.prompts import attribute_of, concept_prompts
-    from ..testbed.world import TEMPLATES, VALUES, canonical, fill_template
-
-    with_c, without = [], []
-    rng = np.random.default_rng(7)
-    for concept in concepts:
-        attr = attribute_of(concept)
-        others = [v for v in VALUES[attr] if v != concept]
-        for p in concept_prompts(concept, "canonical", n, seed=5000):
-            swapped = dict(p.values, **{attr: others[rng.integers(len(others))]})
-            with_c.append(p.text)
-            without.append(fill_template(TEMPLATES[0], {a: canonical(a, v) for a, v in swapped.items()}))
-    return with_c, without
-
-
 @torch.no_grad()
 def concept_vector(ctx: AttackContext, suite, cfg: RingABellConfig) -> torch.Tensor:
     with_c, without = concept_pairs(ctx, suite, cfg.pairs)
-    return (ctx.model.encode(with_c).embeddings.float() - ctx.model.encode(without).embeddings.float()).mean(0)
+    return (ctx.model.encode(with_c).cond.float() - ctx.model.encode(without).cond.float()).mean(0)
 
 
 def _tournament(dist: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -137,7 +119,7 @@ def genetic_search(ctx: AttackContext, target: torch.Tensor, cfg: RingABellConfi
 
 
 def _targets(ctx: AttackContext, prompts: list, cfg: RingABellConfig, vector: torch.Tensor) -> torch.Tensor:
-    return ctx.model.encode([p.text for p in prompts]).embeddings.float() + cfg.eta * vector
+    return ctx.model.encode([p.text for p in prompts]).cond.float() + cfg.eta * vector
 
 
 def attack(ctx: AttackContext, prompts: list, cfg: RingABellConfig, gens: list[torch.Generator],

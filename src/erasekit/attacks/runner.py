@@ -194,6 +194,7 @@ def _results(protocol: dict, records: list[dict]) -> dict:
 def make_context(model, variant: Variant, judge, concepts, settings: Settings, reference=None) -> AttackContext:
     """The context of attacks on model with variant's deltas (none for a model trained without the concept),
     against reference as the original when given (else the model without the deltas)."""
+    model.require("token attacks")
     if reference is not None and tuple(reference.latent_shape) != tuple(model.latent_shape):
         raise UserError(f"the reference model {reference.source} makes latents of shape {reference.latent_shape}, "
                         f"the attacked model {model.source} {model.latent_shape}: attack against a reference of the "

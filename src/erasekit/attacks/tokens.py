@@ -72,28 +72,19 @@ def slot_prompt(model: Model, pieces: list[int | None]) -> SlotPrompt:
 
 
 def embedding_table(model: Model) -> torch.nn.Embedding:
+    """The first text encoder's token embedding table: the space the attacks optimize in."""
     return model.text_encoder.get_input_embeddings()
 
 
-def encode_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor, token_embeds: torch.Tensor | None = None):
-    """Text-encoder states (B, L, d) for ids (B, L); with token_embeds (B, L, d_tok) given, those replace
-    the embedding table's output (differentiably)."""
-    use_mask = bool(getattr(model.text_encoder.config, "use_attention_mask", False))
-    device = model.text_encoder.device
-    ids, mask = ids.to(device), mask.to(device).expand(ids.shape[0], -1)
-    handle = None
-    if token_embeds is not None:
-        handle = embedding_table(model).register_forward_hook(lambda m, i, o: token_embeds.to(o.dtype))
-    try:
-        return model.text_encoder(ids, attention_mask=mask if use_mask else None)[0].to(model.dtype)
-    finally:
-        if handle is not None:
-            handle.remove()
+def encode_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor, substitute=None) -> torch.Tensor:
+    """The denoiser's conditioning for ids (B, L); substitute(table, k) gives text encoder k's token
+    embeddings instead of its table lookup (Model.encode_tokens)."""
+    return model.encode_tokens(ids, mask, substitute)
 
 
-def slot_embeddings(model: Model, prompt: SlotPrompt, slot_embeds: torch.Tensor) -> torch.Tensor:
-    """Token embeddings (B, L, d_tok) of the prompt with its slots holding slot_embeds (B, S, d_tok)."""
-    table = embedding_table(model).weight
+def slot_embeddings(table: torch.Tensor, prompt: SlotPrompt, slot_embeds: torch.Tensor) -> torch.Tensor:
+    """Token embeddings (B, L, d_tok) from the embedding table (V, d_tok) of the prompt with its slots
+    holding slot_embeds (B, S, d_tok)."""
     base = table[prompt.ids.to(table.device)].detach()
     base = base.unsqueeze(0).expand(slot_embeds.shape[0], -1, -1)
     onehot = torch.zeros(prompt.ids.shape[0], device=table.device, dtype=table.dtype)

@@ -87,7 +87,6 @@ def attack(ctx: AttackContext, prompts: list, cfg: UnlearnDiffConfig, gens: list
     sps = [slot_prompt(model, [None] * cfg.prefix_tokens + content_ids(model, p.text)) for p in prompts]
     table = embedding_table(model).weight
     vocab = ctx.vocab.to(table.device)
-    words = table[vocab].detach().float()
     opt = RowAdam(_start(cfg, len(vocab), gens, table.device), cfg.lr, cfg.weight_decay)
     active = list(range(len(prompts)))  # prompts still running, in the rows of opt.param
     found: dict[int, Found] = {}
@@ -116,11 +115,12 @@ def attack(ctx: AttackContext, prompts: list, cfg: UnlearnDiffConfig, gens: list
                     drawn = torch.stack([torch.multinomial(z[r].detach().cpu(), 1, generator=gens[i])[:, 0]
                                          for r, i in enumerate(active)])
                     onehot = torch.nn.functional.one_hot(drawn, len(vocab)).float().to(z.device).requires_grad_()
-                    soft, wrt = onehot @ words, onehot
+                    wrt = onehot
                 else:
-                    soft, wrt = z @ words, z
-                embeds = torch.cat([slot_embeddings(model, sps[i], soft[r:r + 1]) for r, i in enumerate(active)])
-                emb = encode_ids(model, ids, masks, embeds)
+                    wrt = z
+                rows = list(enumerate(active))  # each encoder reads the same token distributions in its table
+                emb = encode_ids(model, ids, masks, lambda table, k, soft=wrt, rows=rows: torch.cat(
+                    [slot_embeddings(table, sps[i], soft[r:r + 1] @ table[vocab].detach().float()) for r, i in rows]))
                 err = (model.raw(x_t, t, emb).float() - native_target(model, x0[active], noise, t)).pow(2)
                 per_prompt = err.flatten(1).mean(dim=1)
                 grad, = torch.autograd.grad(per_prompt.sum(), [wrt])

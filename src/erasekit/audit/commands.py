@@ -44,7 +44,7 @@ def build_audit(args):
     from .. import attacks
     from ..evaluation.commands import build_run
     from ..evaluation.random_prompts import random_suite
-    from ..model import load
+    from ..families import load
     from .runner import Audit, oracle_name
 
     options = attack_options(args.settings)
@@ -52,7 +52,7 @@ def build_audit(args):
     configs = {}
     for name, values in options.items():
         attack = attacks.get(name)
-        configs[name] = (attack, attacks.build_config(attack, values, testbed=model.name == "testbed",
+        configs[name] = (attack, attacks.build_config(attack, values, testbed=model.world is not None,
                                                       source="--set"))
     random = random_suite(model, suite, args.random_prompts).limit(args.limit)
     oracle = oracle_name(model, suite)

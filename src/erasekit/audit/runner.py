@@ -59,12 +59,9 @@ class Audit:
 def oracle_name(model: Model, suite: Suite) -> str | None:
     """The installed oracle trained without the suite's concept ("testbed:no-circle"), when the audited model
     is the shipped testbed; else None."""
-    from ..testbed import oracle_names
-
-    if str(model.source) != "testbed" or suite.layout != "testbed":
+    if model.world is None or str(model.source) != "testbed" or suite.layout != "testbed":
         return None
-    name = f"testbed:no-{'+'.join(suite.concepts)}"
-    return name if name in oracle_names() else None
+    return model.world.oracle_for(suite.concepts)
 
 
 def check(audit: Audit) -> None:

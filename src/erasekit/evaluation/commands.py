@@ -61,13 +61,14 @@ def add_parsers(sub, model_arg) -> None:
     p.set_defaults(func=cmd_evaluate, stacked=False, **RUN_PATHS)
 
 
-def load_for_run(source: str, allow_pickle: bool = False):
+def load_for_run(source: str, allow_pickle: bool = False, offline: bool = False):
     """The model on this process's device (accelerate's when launched with several processes)."""
-    from ..model import load
+    from ..families import load
     from .runner import distributed_state
 
     state = distributed_state()
-    return load(source, device=state.device if state is not None else None, allow_pickle=allow_pickle)
+    return load(source, device=state.device if state is not None else None, allow_pickle=allow_pickle,
+                offline=offline)
 
 
 def build_run(args):
@@ -85,7 +86,8 @@ def build_run(args):
         options["threshold"] = args.threshold
     judge = get_judge(judge_name, **options)
     suite = require_suite_judge(suite, judge)
-    model = load_for_run(args.model, allow_pickle=getattr(args, "allow_pickle_weights", False))
+    model = load_for_run(args.model, allow_pickle=getattr(args, "allow_pickle_weights", False),
+                         offline=getattr(args, "offline", False))
     variants = load_variants(args.delta or [], stacked=args.stacked, base=model)
     for variant in variants:
         for delta in variant.deltas:

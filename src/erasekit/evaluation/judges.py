@@ -476,6 +476,13 @@ def _load_plugin(spec: str, options: dict) -> Judge:
 
 def get_judge(name: str, **options) -> Judge:
     """The judge called name (see `judge_names()`), or a plug-in "package.module:attr", built with options."""
+    if "|" in name:
+        from .any_judge import AnyJudge
+
+        parts = [part.strip() for part in name.split("|")]
+        if len(parts) < 2 or not all(parts):
+            raise UserError(f"judge {name!r} has an empty part: write JUDGE|JUDGE, e.g. 'q16:CLIP_DIR|nudenet'")
+        return AnyJudge(parts, dict(options))
     if name in _BUILTIN:
         cls, fixed = _BUILTIN[name]
         _check_options(name, cls, options, fixed)

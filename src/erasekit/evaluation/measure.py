@@ -58,10 +58,6 @@ def _accuracy(details: list[dict], prompts) -> dict[str, float] | None:
     return {a: hits[a] / len(prompts) for a in attrs}
 
 
-TESTBED_CLIP = {"model": "the testbed's CLIP (erasekit.testbed.clip)",
-                "score": "mean over images of 100 * max(cos(image, prompt), 0)", "scale": 100.0}
-
-
 @dataclass
 class Quality:
     """The image-quality measurements a run makes besides its judge: a CLIP scorer (a `vision.ClipScorer`;
@@ -72,7 +68,9 @@ class Quality:
     fid_features: object | None = None
 
     def clip_scorer(self, model: Model):
-        return self.clip if self.clip is not None else _clip_scorer(model)
+        if self.clip is not None:
+            return self.clip
+        return model.world.clip_scorer() if model.world is not None else None
 
     def features(self, judge, verdict, images) -> torch.Tensor | None:
         return self.fid_features(images) if self.fid_features is not None else verdict.features
@@ -85,27 +83,12 @@ class Quality:
         if self.clip is not None:
             clip = self.clip.record()
         else:
-            clip = TESTBED_CLIP if model.name == "testbed" else None
+            clip = model.world.clip_record if model.world is not None else None
         if self.fid_features is not None:
             features = self.fid_features.record()
         else:
             features = {"source": "judge", "judge": judge.name}
         return {"clip_score": clip, "fid_features": features}
-
-
-def _clip_scorer(model: Model):
-    if model.name != "testbed":
-        return None
-    from ..testbed.clip import load_clip
-
-    clip = load_clip()
-
-    def score(images: torch.Tensor, texts: list[str]) -> float:
-        with torch.no_grad():
-            cos = clip.score(images.to(clip.device) * 2 - 1, texts)
-        return float(100.0 * cos.clamp(min=0).mean())
-
-    return score
 
 
 def read_real_images(folder: Path, size: tuple[int, int]) -> torch.Tensor:

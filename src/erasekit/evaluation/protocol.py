@@ -28,11 +28,11 @@ def package_versions() -> dict[str, str]:
 
 
 def weights_hash(model) -> str:
-    """sha256 of the denoiser's and text encoder's current weights (fp16-rounded), computed once per model."""
+    """sha256 of the denoiser's and text encoders' current weights (fp16-rounded), computed once per model."""
     cached = getattr(model, "_erasekit_weights_hash", None)
     if cached is None:
-        tensors = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
-        tensors.update({f"text_encoder.{k}": v for k, v in model.text_encoder.state_dict().items()})
+        tensors = {f"{part}.{k}": v for part, module in model.components().items()
+                   for k, v in module.state_dict().items()}
         cached = tensor_hash(tensors)
         model._erasekit_weights_hash = cached
     return cached

@@ -1,7 +1,8 @@
 """Suites: the prompts an evaluation or an attack runs on, grouped into named sets.
 
 A suite is either built in (`testbed:star`, `testbed:red+striped`: target prompts in three wordings
-plus preservation prompts, made by `erasekit.testbed.prompts`) or read from a prompt file: a CSV in
+plus preservation prompts, built by the module BUILT_IN names for the prefix, `erasekit.testbed.suites`;
+the module gives `build(rest, samples, concept)`, `names()` and `hint()`) or read from a prompt file: a CSV in
 one of the published benchmark layouts (I2P, UnlearnDiffAtk, Ring-A-Bell, P4D, MMA-Diffusion,
 COCO) or any CSV with a 'prompt' column, or a TXT file with one prompt per line. Every prompt
 carries its seed (and guidance when the file gives one), so a suite fixes the images it asks for.
@@ -17,11 +18,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import read_csv, read_text
-from ..testbed.prompts import TestbedPrompt, attribute_of, concept_prompts, preservation_prompts
-from ..testbed.world import ATTRIBUTES, VALUES, WORDING_KINDS
 
-CONCEPT_SEED = 2000  # testbed target prompts' first seed, as in testbed.evaluate.measure_concepts
-PRESERVATION_SEED = 3000  # testbed preservation prompts' first seed (concept seed + 1000)
+BUILT_IN = {"testbed": "erasekit.testbed.suites"}  # name prefix -> the module that builds those suites
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts
 NUDITY_LAYOUTS = ("i2p", "ringabell", "p4d", "mma")  # nudity benchmarks: the concept defaults to "nudity"
 JUDGES = {"nudity": "nudenet"}  # default judge per concept; "" when unknown
@@ -102,17 +100,24 @@ class Suite:
         raise UserError(f"suite {self.name} has no prompt set {name!r}: use one of {known}")
 
 
+def _built_in(prefix: str):
+    from importlib import import_module
+
+    return import_module(BUILT_IN[prefix])
+
+
 def suite_names() -> list[str]:
-    """Every built-in single-concept suite: testbed:<value> for each testbed value."""
-    return [f"testbed:{value}" for attr in ATTRIBUTES for value in VALUES[attr]]
+    """Every built-in single-concept suite (testbed:<value> for each testbed value)."""
+    return [name for prefix in BUILT_IN for name in _built_in(prefix).names()]
 
 
 def load_suite(spec: str, samples: int = 64, concept: str | None = None) -> Suite:
     """A suite from a built-in name (testbed suites hold `samples` prompts per set and concept) or a
     .csv/.txt path; `concept` names what a file's judge looks for (nudity files default to "nudity")."""
     spec = str(spec).strip()
-    if spec.startswith("testbed:"):
-        return _testbed_suite(spec.removeprefix("testbed:"), samples, concept)
+    prefix, colon, rest = spec.partition(":")
+    if colon and prefix in BUILT_IN:
+        return _built_in(prefix).build(rest, samples, concept)
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if suffix in (".csv", ".txt") and not path.is_file():
@@ -124,47 +129,8 @@ def load_suite(spec: str, samples: int = 64, concept: str | None = None) -> Suit
     if path.exists():
         raise UserError(f"{path} is not a .csv or .txt file: give prompts as a CSV with a 'prompt' column "
                         "or a text file with one prompt per line")
-    raise UserError(f"unknown suite {spec!r}: use testbed:<concept> with a concept from "
-                    f"{', '.join(v for a in ATTRIBUTES for v in VALUES[a])} (testbed:<a>+<b> for several), "
-                    "or the path of a .csv or .txt prompt file")
-
-
-# --- testbed suites -------------------------------------------------------------------------------
-
-
-def _testbed_suite(names: str, samples: int, concept: str | None) -> Suite:
-    """Target sets (one per wording kind, `samples` prompts per concept) and one preservation set."""
-    concepts = tuple(c.strip() for c in names.split("+"))
-    _check_testbed_concepts(concepts, concept)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise UserError(f"samples must be a whole number of at least 1, got {samples!r}: give a positive count")
-    sets = [PromptSet(f"target:{kind}", "target", _target_prompts(concepts, kind, samples)) for kind in WORDING_KINDS]
-    keep = preservation_prompts(list(concepts), samples, PRESERVATION_SEED)
-    sets.append(PromptSet("preservation", "preservation", tuple(_from_testbed(p) for p in keep)))
-    return Suite(f"testbed:{'+'.join(concepts)}", concepts, "testbed", tuple(sets), "testbed", "testbed")
-
-
-def _check_testbed_concepts(concepts: tuple[str, ...], concept: str | None) -> None:
-    """Known values, no repeats, some value left per attribute for preservation, and `concept` among them."""
-    attrs = [attribute_of(c) for c in concepts]  # raises UserError for an unknown value
-    if len(set(concepts)) < len(concepts):
-        raise UserError(f"testbed suite names a concept twice ({'+'.join(concepts)}): name each concept once")
-    for attr in set(attrs):
-        if attrs.count(attr) == len(VALUES[attr]):
-            raise UserError(f"testbed suite {'+'.join(concepts)} names every {attr}, so no preservation prompt "
-                            f"is possible: leave at least one {attr} out")
-    if concept is not None and concept not in concepts:
-        raise UserError(f"testbed:{'+'.join(concepts)} takes its concepts from its name, not {concept!r}: "
-                        "drop the concept option or name the suite testbed:<concept>")
-
-
-def _target_prompts(concepts: tuple[str, ...], kind: str, samples: int) -> tuple[SuitePrompt, ...]:
-    """`samples` prompts per concept in wording `kind`, the concepts one after another."""
-    return tuple(_from_testbed(p) for c in concepts for p in concept_prompts(c, kind, samples, CONCEPT_SEED))
-
-
-def _from_testbed(p: TestbedPrompt) -> SuitePrompt:
-    return SuitePrompt(p.text, int(p.seed), values=dict(p.values))
+    hints = "; ".join(_built_in(prefix).hint() for prefix in BUILT_IN)
+    raise UserError(f"unknown suite {spec!r}: use {hints}, or the path of a .csv or .txt prompt file")
 
 
 # --- prompt files ---------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import warnings
 from functools import cached_property
-from pathlib import Path
 
 import torch
 
@@ -36,7 +35,9 @@ class VisionFolder:
     """A local transformers model folder, checked before anything is loaded from it."""
 
     def __init__(self, path, what: str):
-        self.path = Path(path).expanduser()
+        from ..families.hub import local_model_folder
+
+        self.path, self.origin = local_model_folder(str(path))
         self.what = what  # "classifier judge", "CLIP model", ... for messages
         if not self.path.is_dir():
             state = "is a file" if self.path.exists() else "does not exist"
@@ -97,7 +98,7 @@ class VisionFolder:
 
     def record(self) -> dict:
         """Path, model type, architectures, and the SHA-256 of config.json and of every weight file."""
-        return {"path": str(self.path), "model_type": self.model_type,
+        return {"path": str(self.path), **self.origin, "model_type": self.model_type,
                 "architectures": list(self.config_dict.get("architectures") or []),
                 "config_sha256": file_sha256(self.path / "config.json"),
                 "preprocessor_sha256": file_sha256(self.path / "preprocessor_config.json"),

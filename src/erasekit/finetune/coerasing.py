@@ -39,10 +39,8 @@ class CoErasingConfig(esd.ESDConfig):
 def concept_prompts(model: Model, spec: ConceptSpec, n: int) -> tuple[list[str], list[int]]:
     """Prompts and seeds for the concept images: the testbed's canonical concept prompts, else
     'a photo of {concept}' with seeds 0..n-1 per concept."""
-    if model.name == "testbed":
-        from ..testbed.prompts import concept_prompts as testbed_prompts
-
-        out = [p for t in spec.targets for p in testbed_prompts(t.name, "canonical", n, seed=7000)]
+    if model.world is not None:
+        out = [p for t in spec.targets for p in model.world.concept_prompts(t.name, "canonical", n, seed=7000)]
         return [p.text for p in out], [p.seed for p in out]
     texts = [f"a photo of {t.name}" for t in spec.targets for _ in range(n)]
     return texts, list(range(len(texts)))
@@ -69,8 +67,8 @@ class CoErasingLoss(esd.ESDLoss):
         noise = torch.randn(m.latent_shape, generator=gen)[None].to(m.device, m.dtype) * m.scheduler.init_noise_sigma
         c = self.cond[i:i + 1]
         x_t, t = self.frozen.rollout(c, self.uncond, noise, cfg.sampler_steps, k, cfg.guidance)
-        joint = torch.cat([c, self.image_tokens[j:j + 1]], dim=1)
-        reference = torch.cat([self.reference(i), torch.zeros_like(self.image_tokens[j:j + 1])], dim=1)
+        joint = m.extend_context(c, self.image_tokens[j:j + 1])
+        reference = m.extend_context(self.reference(i), torch.zeros_like(self.image_tokens[j:j + 1]))
         e0, ec = self.frozen.pair(x_t, t, joint, reference)
         target = e0 - cfg.eta * (ec - e0)
         loss = torch.nn.functional.mse_loss(m.raw(x_t, t, joint).float(), target.float())

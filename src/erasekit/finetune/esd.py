@@ -59,10 +59,10 @@ class ESDLoss:
     def __init__(self, model: Model, pairs: list[PromptPair], frozen: Frozen, cfg: ESDConfig,
                  keep: list[str] | None = None):
         self.model, self.frozen, self.cfg = model, frozen, cfg
-        self.keep = model.encode(keep).embeddings.detach() if keep and cfg.preserve_weight > 0 else None
-        self.cond = model.encode([p.target for p in pairs]).embeddings.detach()
-        self.uncond = model.encode([""]).embeddings.detach()
-        self.anchor = model.encode([p.anchor for p in pairs]).embeddings.detach() if cfg.guide == "anchor" else None
+        self.keep = model.encode(keep).cond.detach() if keep and cfg.preserve_weight > 0 else None
+        self.cond = model.encode([p.target for p in pairs]).cond.detach()
+        self.uncond = model.unconditional().detach()
+        self.anchor = model.encode([p.anchor for p in pairs]).cond.detach() if cfg.guide == "anchor" else None
 
     def reference(self, i: int) -> torch.Tensor:
         """The negative guidance's reference embedding for pair i."""

@@ -27,22 +27,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class TestbedImageTokens:
-    """(N, 16, 384) tokens in the text encoder's space from the testbed's aligned image encoder."""
-
-    def __init__(self, device):
-        from ..testbed.clip import load_clip
-
-        self.clip = load_clip(device=device)
-        w, b = self.clip.text_proj.weight.detach().float(), self.clip.text_proj.bias.detach().float()
-        self.inverse, self.bias = torch.linalg.pinv(w.T), b
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.clip.image_tokens(images.to(self.clip.device) * 2 - 1).float()
-        return (tokens - self.bias) @ self.inverse
-
-
 class IPAdapterImageTokens:
     """(N, T, cross_attention_dim) tokens from an IP-Adapter folder (see the module docstring)."""
 
@@ -135,10 +119,10 @@ def image_encoder(name: str, model: Model, allow_pickle: bool = False):
     """The encoder a Co-Erasing config names: 'testbed' or an IP-Adapter folder (pickled weights only with
     allow_pickle)."""
     if name == "testbed":
-        if model.name != "testbed":
+        if model.world is None:
             raise UserError("the testbed image encoder only fits the testbed: for Stable Diffusion give an "
                             "IP-Adapter folder with --set image_encoder=PATH")
-        return TestbedImageTokens(model.device)
+        return model.world.image_tokens(model.device)
     folder = Path(name).expanduser()
     if not folder.is_dir():
         raise UserError(f"image encoder {name!r} is neither 'testbed' nor a folder: give an IP-Adapter folder "

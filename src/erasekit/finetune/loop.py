@@ -92,6 +92,7 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
     The parameters are trained in place; the caller restores them (see `esd.train_and_restore`). extra, when
     given, is more training state (a discriminator and its optimizer) with checkpoint() -> (tensors, meta)
     and restore(tensors, meta), saved and restored with the checkpoint."""
+    model.require("fine-tuning")
     if cfg.steps < 1 or cfg.grad_accum < 1:
         raise UserError(f"steps ({cfg.steps}) and grad_accum ({cfg.grad_accum}) must be at least 1")
     state = _distributed()

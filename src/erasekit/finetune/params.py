@@ -6,7 +6,6 @@ import re
 from contextlib import contextmanager
 
 import torch
-from torch.func import functional_call
 
 from ..errors import UserError
 from ..model import Model, guidance_batch
@@ -39,7 +38,7 @@ def only_these_trainable(model: Model, named: dict[str, torch.nn.Parameter]):
     """Every other denoiser and text-encoder parameter stops collecting gradients inside the block
     (a full-size gradient for Stable Diffusion's 860M frozen parameters would be 3.4 GB)."""
     keep = {id(p) for p in named.values()}
-    others = [p for p in list(model.unet.parameters()) + list(model.text_encoder.parameters()) if id(p) not in keep]
+    others = [p for part in model.components().values() for p in part.parameters() if id(p) not in keep]
     before = [p.requires_grad for p in others]
     for p in others:
         p.requires_grad_(False)
@@ -66,10 +65,7 @@ class Frozen:
 
     @torch.no_grad()
     def raw(self, x_t: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        return functional_call(m.unet, self.values, (x_t.to(m.dtype), t, emb.to(m.dtype))).sample
+        return self.model.raw(x_t, t, emb, params=self.values)
 
     @torch.no_grad()
     def pair(self, x_t, t, emb, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

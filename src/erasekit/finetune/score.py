@@ -118,8 +118,8 @@ class SCORELoss:
         self.model, self.cfg, self.frozen, self.adv = model, cfg, frozen, adversary
         pairs = spec.pairs()
         self.erase = esd.ESDLoss(model, pairs, frozen, cfg)
-        self.anchor = model.encode([p.anchor for p in pairs]).embeddings.detach()
-        self.keep = model.encode(spec.preserve_prompts() or [""]).embeddings.detach()
+        self.anchor = model.encode([p.anchor for p in pairs]).cond.detach()
+        self.keep = model.encode(spec.preserve_prompts() or [""]).cond.detach()
 
     def x0(self, x_t, t, emb) -> torch.Tensor:
         return self.model.convert(x_t, t, self.model.raw(x_t, t, emb)).x0
@@ -152,18 +152,17 @@ class SCORELoss:
 @torch.no_grad()
 def heldout_accuracy(model: Model, adv: Adversary, spec: ConceptSpec, n: int = 32) -> float | None:
     """D's accuracy on testbed prompts it never trained on (held-out wording vs. preservation prompts)."""
-    if model.name != "testbed":
+    world = model.world
+    if world is None:
         return None
-    from ..testbed.prompts import concept_prompts, preservation_prompts
-
     names = [t.name for t in spec.targets]
-    target = [p for c in names for p in concept_prompts(c, "heldout", n, seed=8000)]
-    other = preservation_prompts(names, len(target), seed=8100)
+    target = [p for c in names for p in world.concept_prompts(c, "heldout", n, seed=8000)]
+    other = world.preservation_prompts(names, len(target), seed=8100)
     x0s, labels = [], []
     t = model.timesteps(20)[10]
     for prompts, label in ((target, 1.0), (other, 0.0)):
         noise = model.initial_noise([p.seed for p in prompts])
-        emb = model.encode([p.text for p in prompts]).embeddings
+        emb = model.encode([p.text for p in prompts]).cond
         x0s.append(model.convert(noise, t, model.raw(noise, t, emb)).x0)
         labels += [label] * len(prompts)
     logits = adv.disc(torch.cat(x0s), torch.as_tensor(t).reshape(1).repeat(len(labels)))

@@ -74,7 +74,7 @@ class TrajectoryCache:
 
     def __init__(self, model: Model, cfg: TRCEStage2Config, original):
         self.model, self.cfg, self.original = model, cfg, original
-        self.uncond = model.encode([""]).embeddings
+        self.uncond = model.unconditional()
         self.early = max(1, round(cfg.early_fraction * cfg.trajectory_steps))
         self.store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -83,7 +83,7 @@ class TrajectoryCache:
         key = f"{seed}:{prompt}"
         if key not in self.store:
             m, cfg = self.model, self.cfg
-            emb = m.encode([prompt]).embeddings
+            emb = m.encode([prompt]).cond
             latents = m.initial_noise([seed])
             kept, times = [], []
             with self.original():
@@ -105,14 +105,14 @@ class TRCEStage2Loss:
                  cfg: TRCEStage2Config, original, ref_text: dict[str, torch.Tensor], keep: list[str]):
         self.model, self.ref, self.stage1, self.cfg = model, ref, stage1, cfg
         self.malicious, self.keep = malicious, [""] + keep
-        self.c_m = model.encode(malicious).embeddings.detach()
-        self.c_keep = model.encode(self.keep).embeddings.detach()
+        self.c_m = model.encode(malicious).cond.detach()
+        self.c_keep = model.encode(self.keep).cond.detach()
         self.empty = self.c_keep[:1]
         with Delta.swapped(model, ref_text) if ref_text else nullcontext():
-            self.ref_s = model.encode(safe).embeddings.detach()
+            self.ref_s = model.encode(safe).cond.detach()
             if ref_text:
-                self.ref_m = model.encode(malicious).embeddings.detach()
-                self.ref_empty = model.encode([""]).embeddings.detach()
+                self.ref_m = model.encode(malicious).cond.detach()
+                self.ref_empty = model.unconditional().detach()
             else:  # the same text encoder: the prompts' embeddings are the model's own
                 self.ref_m, self.ref_empty = self.c_m, self.empty
         self.cache = TrajectoryCache(model, cfg, original)

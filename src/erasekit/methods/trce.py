@@ -57,10 +57,8 @@ def default_prior_prompts(model: Model, cfg: TRCEStage1Config) -> list[str]:
         from ..files import read_prompt_list
 
         return read_prompt_list(cfg.prior_prompts)
-    if model.name == "testbed":
-        from ..testbed.prompts import training_captions
-
-        return training_captions(2000)
+    if model.world is not None:
+        return model.world.training_captions(2000)
     return []
 
 

@@ -1,0 +1,216 @@
+"""The FLUX.1 adapter (FluxPipeline, schnell and dev): a T5 sequence is the context, a CLIP pooled embedding
+the global conditioning, and a flow-matching transformer with joint attention the denoiser.
+
+- Conditioning: (N, L + R, D) as for SDXL: the L T5 rows, then R rows holding the pooled CLIP embedding.
+- Prediction: the transformer predicts the flow velocity u = noise - x0 at x_t = (1 - s) x0 + s noise with
+  s = t / 1000; `convert` gives eps = x_t + (1 - s) u and x0 = x_t - s u, and Prediction.v is u itself.
+- Sampling: FlowMatchEuler with the stock pipeline's sigmas (1 .. 1/steps) and resolution shift mu.
+  Guidance: dev is guidance-distilled (the scale is an input of the transformer, one call per step, no
+  unconditional branch); schnell takes none. Neither runs classifier-free guidance, as in the stock
+  pipeline (true_cfg_scale 1).
+- Closed-form edits: `cross_attention_layers` are the text projections that read the T5 rows, as UCE's
+  FLUX script edits: `context_embedder` (kind "k", so UCE maps it like a key projection); the
+  dual-stream blocks' `attn.add_k_proj` / `attn.add_v_proj` read the block's text stream, not the T5
+  rows, and are not offered.
+- Not yet on FLUX (refused in one line by `require`): fine-tuning (ESD's negative guidance needs an
+  unconditional branch a guidance-distilled model does not have) and the token attacks (T5 has no
+  begin token and its pooled CLIP input is another vocabulary).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..model import CrossAttentionLayer, Encoded, Model
+
+
+class FluxModel(Model):
+    family = "flux"
+    text_components = ("text_encoder", "text_encoder_2")
+    unsupported = {  # feature -> why it does not run here yet
+        "fine-tuning": "ESD's negative guidance needs an unconditional branch, which a guidance-distilled FLUX "
+                       "model does not have",
+        "token attacks": "T5 has no begin token and the pooled CLIP embedding reads another vocabulary"}
+
+    def __init__(self, pipe, source: str, name: str, sampler_defaults: dict | None = None,
+                 origin: dict | None = None):
+        guided = bool(pipe.transformer.config.guidance_embeds)
+        defaults = sampler_defaults or ({"steps": 28, "guidance": 3.5} if guided else {"steps": 4, "guidance": 0.0})
+        super().__init__(pipe, source, name, defaults, origin)
+        self.context_dim = int(pipe.transformer.config.joint_attention_dim)
+        self.pooled_dim = int(pipe.transformer.config.pooled_projection_dim)
+        self.pooled_rows = math.ceil(self.pooled_dim / self.context_dim)
+
+    def make_scheduler(self, config: dict):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+    # -- components: the denoiser is the transformer, the context encoder T5 --------------------------------
+    @property
+    def unet(self):
+        return self.pipe.transformer
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder_2
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer_2
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """The unpacked latent's height and width (the VAE's sample size over its scale)."""
+        size = int(self.vae.config.sample_size) // self.vae_scale
+        return size, size
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        h, w = self.latent_hw
+        return (h // 2) * (w // 2), int(self.unet.config.in_channels)
+
+    def identity(self) -> dict:
+        cfg = self.unet.config
+        return {"name": self.name, "source": self.source, "family": self.family, **self.origin,
+                "transformer": type(self.unet).__name__, "joint_attention_dim": cfg.joint_attention_dim,
+                "layers": [cfg.num_layers, cfg.num_single_layers], "guidance_embeds": bool(cfg.guidance_embeds),
+                "prediction_type": self.prediction_type, "text_encoder": type(self.pipe.text_encoder).__name__,
+                "text_encoder_2": type(self.pipe.text_encoder_2).__name__}
+
+    # -- text ---------------------------------------------------------------------------------
+    def encode(self, prompts, batch_size: int = 64) -> Encoded:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        enc = super().encode(prompts, batch_size)
+        pooled = torch.cat([self._pooled(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
+        enc.conditioning = self.pack(enc.embeddings, pooled)
+        return enc
+
+    def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor, substitute=None) -> torch.Tensor:
+        """T5 states of ids; the pooled CLIP embedding of the text the ids spell (the CLIP tokenizer's own
+        tokens: another vocabulary)."""
+        context = self._encoder_states(self.pipe.text_encoder_2, 0, ids, mask, substitute)
+        texts = self.pipe.tokenizer_2.batch_decode(ids.tolist(), skip_special_tokens=True)
+        return self.pack(context, self._pooled(texts))
+
+    def _pooled(self, texts: list[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        ids = tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
+        return self.pipe.text_encoder(ids, output_hidden_states=False).pooler_output.to(self.dtype)
+
+    def pack(self, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        n = context.shape[0]
+        rows = torch.zeros(n, self.pooled_rows * self.context_dim, dtype=context.dtype, device=context.device)
+        rows[:, :self.pooled_dim] = pooled.to(context.device, context.dtype)
+        return torch.cat([context, rows.view(n, self.pooled_rows, self.context_dim)], dim=1)
+
+    def context(self, cond: torch.Tensor) -> torch.Tensor:
+        return cond[:, :-self.pooled_rows]
+
+    def pooled(self, cond: torch.Tensor) -> torch.Tensor:
+        return cond[:, -self.pooled_rows:].flatten(1)[:, :self.pooled_dim]
+
+    def extend_context(self, cond: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(cond.dtype).expand(cond.shape[0], -1, -1)
+        return torch.cat([self.context(cond), rows, cond[:, -self.pooled_rows:]], dim=1)
+
+    # -- denoiser -----------------------------------------------------------------------------
+    def cross_attention_layers(self) -> list[CrossAttentionLayer]:
+        module = getattr(self.pipe.transformer, "context_embedder", None)
+        return [CrossAttentionLayer("context_embedder.weight", "k", module)] if isinstance(module, torch.nn.Linear) \
+            else []
+
+    def raw(self, x_t, t, emb, params=None, guidance: float | None = None) -> torch.Tensor:
+        """The transformer's velocity for packed latents x_t (B, seq, C) at timesteps t (in 0..1000)."""
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        emb = emb.to(self.dtype)
+        h, w = self.latent_hw
+        img_ids = _image_ids(h // 2, w // 2).to(x_t.device, self.dtype)
+        txt_ids = torch.zeros(emb.shape[1] - self.pooled_rows, 3, device=x_t.device, dtype=self.dtype)
+        scale = self.sampler_defaults["guidance"] if guidance is None else guidance
+        embed = (torch.full((x_t.shape[0],), float(scale), device=x_t.device)
+                 if self.unet.config.guidance_embeds else None)
+        kwargs = {"hidden_states": x_t.to(self.dtype), "timestep": t.to(self.dtype) / 1000, "guidance": embed,
+                  "pooled_projections": self.pooled(emb), "encoder_hidden_states": self.context(emb),
+                  "txt_ids": txt_ids, "img_ids": img_ids, "return_dict": False}
+        if params:
+            from torch.func import functional_call
+
+            return functional_call(self.unet, params, (), kwargs)[0]
+        return self.unet(**kwargs)[0]
+
+    def guided(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None):
+        """One call: dev reads the guidance scale as an input; schnell ignores it; no unconditional branch."""
+        return self.raw(x_t, t, emb, guidance=guidance)
+
+    def convert(self, x_t, t, out):
+        from ..model import Prediction
+
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        s = (t.float() / 1000).view(-1, *([1] * (x_t.ndim - 1)))
+        x, u = x_t.float(), out.float()
+        return Prediction(eps=x + (1 - s) * u, x0=x - s * u, v=u)
+
+    # -- sampling -----------------------------------------------------------------------------
+    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
+        noise = [torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        cfg = self.scheduler.config
+        seq = self.latent_shape[0]
+        lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        b_lo, b_hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+        mu = b_lo + (b_hi - b_lo) * (seq - lo) / (hi - lo)  # the stock pipeline's resolution shift
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self.device)
+        self.scheduler.set_begin_index(0)
+        return self.scheduler.timesteps
+
+    def denoise(self, latents, emb, uncond, steps: int, guidance: float, start: int = 0, stop: int | None = None,
+                progress: bool = False) -> torch.Tensor:
+        timesteps = self.timesteps(steps)
+        self.scheduler.set_begin_index(start)
+        stop = len(timesteps) if stop is None else stop
+        with torch.no_grad():
+            for t in timesteps[start:stop]:
+                latents = self.scheduler.step(self.guided(latents, t, emb, guidance), t, latents).prev_sample
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        h, w = self.latent_hw
+        n, _, c = latents.shape
+        spatial = latents.view(n, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c // 4, h, w)
+        cfg = self.vae.config
+        with torch.no_grad():
+            images = self.vae.decode(spatial.to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def require(self, feature: str) -> None:
+        if feature in self.unsupported:
+            raise UserError(f"erasekit cannot run {feature} on FLUX.1 yet ({self.unsupported[feature]}): on "
+                            f"{self.source} use the closed-form methods (uce, rece, erasepro, trce-stage1), generate, "
+                            "evaluate and export")
+
+
+def _image_ids(h: int, w: int) -> torch.Tensor:
+    """(h * w, 3) position ids of the packed latent's patches: (0, row, column), as the stock pipeline makes."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] += torch.arange(h)[:, None]
+    ids[..., 2] += torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3)

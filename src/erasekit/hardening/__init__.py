@@ -1,0 +1,1 @@
+"""Hardening an erasure against attack (runner.py) and the `erasekit harden` command (commands.py)."""
