@@ -309,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("erase", help="erase concepts with a method; writes a delta")
     _model_arg(p)
-    p.add_argument("--method", required=True, help="uce, rece, erasepro, trce-stage1")
+    from .methods import listing
+
+    p.add_argument("--method", required=True, help=listing())
     p.add_argument("--concept", action="append",
                    help="a target concept, optionally with synonyms: 'star' or 'star:five-pointed star,starburst' "
                         "(repeatable)")
