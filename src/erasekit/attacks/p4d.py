@@ -61,7 +61,7 @@ def original_trajectories(ctx: AttackContext, prompts: list) -> tuple[torch.Tens
     m, s = ctx.original, ctx.settings
     emb = m.encode([p.text for p in prompts]).embeddings
     uncond = m.encode([s.negative_prompt]).embeddings
-    latents = m.initial_noise([p.seed for p in prompts])
+    latents = m.initial_noise([p.seed for p in prompts], s.size)
     xs, ts, outs = [], [], []
     for t in m.timesteps(s.steps):
         xs.append(latents.clone())

@@ -32,6 +32,7 @@ def add_run_args(p, samples: int = 64) -> None:
                    "anchor=... or template=... for clip:; whole numbers and decimals are read as numbers")
     p.add_argument("--steps", type=types.count, help="sampler steps (default: the model's)")
     p.add_argument("--guidance", type=types.finite, help="guidance scale when a prompt has none (default: the model's)")
+    types.add_size_args(p)
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image (default none)")
     p.add_argument("--batch-size", type=types.count, default=32)
     p.add_argument("--resume", action="store_true", help="continue a run in --out, reusing its cached images")
@@ -92,6 +93,7 @@ def build_run(args):
             delta.check(model)
     overrides = {"steps": args.steps or None, "guidance": args.guidance}
     settings = Settings.for_model(model, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
+                                  height=args.height, width=args.width,
                                   **{k: v for k, v in overrides.items() if v is not None})
     return model, variants, suite, judge, settings
 
