@@ -22,6 +22,9 @@ def add_run_args(p, samples: int = 64) -> None:
     p.add_argument("--samples", type=types.count, default=samples,
                    help=f"testbed suites: prompts per prompt set (default {samples})")
     p.add_argument("--concept", help="the concept a CSV suite targets (default: from the file's layout)")
+    p.add_argument("--category", action="append", metavar="NAME",
+                   help="I2P files: keep only rows of this category (repeatable: rows of any), e.g. sexual for "
+                   "nudity; recorded in the suite hash (default: every row)")
     p.add_argument("--judge", help="testbed, nudenet, nudenet-extended, classifier:FOLDER or clip:FOLDER (a local "
                    "transformers image classifier or CLIP folder), or a plug-in module:attr (default: the suite's); a "
                    "plug-in imports that module, which runs its code: name only code you trust. erasekit then calls "
@@ -77,7 +80,8 @@ def build_run(args):
     from .runner import Settings, load_variants, require_suite_judge
     from .suites import load_suite
 
-    suite = load_suite(args.suite, samples=args.samples, concept=args.concept).limit(args.limit)
+    suite = load_suite(args.suite, samples=args.samples, concept=args.concept,
+                       categories=getattr(args, "category", None) or ()).limit(args.limit)
     judge_name = args.judge or suite.judge
     if not judge_name:
         raise UserError(f"suite {suite.name} names no judge: pass --judge (testbed, nudenet, or module:attr)")
