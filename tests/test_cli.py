@@ -21,6 +21,41 @@ def test_help_lists_the_commands():
         assert command in out.stdout
 
 
+HEAVY = ("torch", "diffusers", "transformers", "safetensors", "accelerate")
+LIGHT_CHECK = """
+import contextlib, io, sys
+from erasekit.cli import main
+for argv in {argvs!r}:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's --help
+            code = exc.code
+    print(code, repr(err.getvalue().strip()))
+print(sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+def test_help_and_argument_errors_import_no_torch():
+    """`--help`, a command's --help and an argument error answer without importing the model stack (which
+    takes seconds to import): the commands import it themselves."""
+    argvs = [["--help"], ["erase", "--help"], ["evaluate", "--help"], ["attack", "--help"], ["audit", "--help"],
+             ["generate", "--steps", "0", "--out", "x"], ["nonsense"], ["erase", "--out", "x.safetensors"]]
+    done = subprocess.run([sys.executable, "-c", LIGHT_CHECK.format(argvs=argvs, heavy=HEAVY)], capture_output=True,
+                          text=True, check=True)
+    *runs, imported = done.stdout.strip().splitlines()
+    assert [r.split(" ", 1)[0] for r in runs] == ["0"] * 5 + ["2"] * 3, done.stdout
+    assert all("erasekit: error:" in r for r in runs[5:]), done.stdout
+    assert imported == "[]", f"imported {imported} for --help and argument errors"
+
+
+def test_the_public_names_still_import_from_the_package():
+    assert erasekit.load is erasekit.model.load and erasekit.Delta is erasekit.delta.Delta
+    assert callable(erasekit.judge_factory) and "Model" in dir(erasekit)
+    with pytest.raises(AttributeError):
+        erasekit.no_such_name  # noqa: B018
+
+
 def test_seed_parsing():
     assert parse_seeds("0-3") == [0, 1, 2, 3]
     assert parse_seeds("5,9, 11") == [5, 9, 11]

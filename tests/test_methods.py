@@ -291,3 +291,20 @@ def test_uce_on_every_aligned_row_erases_a_testbed_shape():
     assert float((verdicts[:8] == circle).float().mean()) <= 0.25
     kept = torch.tensor([VALUES["shape"].index(p.values["shape"]) for p in keep])
     assert float((verdicts[8:] == kept).float().mean()) >= 0.75
+
+
+def test_erase_help_lists_every_method_and_composition(capsys):
+    """The light name table `erase --help` reads agrees with the registry, and the help names every method."""
+    registry = {name: methods.get(name) for name in methods.names()}
+    assert [n for n, m in registry.items() if not m.parts and not m.fine_tuning] == list(methods.CLOSED_FORM)
+    assert [n for n, m in registry.items() if not m.parts and m.fine_tuning] == list(methods.FINE_TUNING)
+    assert {n: "+".join(p.name for p in m.parts) for n, m in registry.items() if m.parts} == methods.COMPOSED
+    from erasekit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["erase", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    for name in registry:
+        assert name in shown, name
+    assert "A+B" in shown and "uce+esd" in shown
+    assert methods.get("uce+esd").parts == (registry["uce"], registry["esd"])  # the example given is valid

@@ -78,7 +78,8 @@ def test_record_and_set_lookup():
     record = suite.record()
     assert record == {"name": "testbed:sky", "source": "testbed", "layout": "testbed", "concepts": ["sky"],
                       "judge": "testbed", "hash": suite.hash(),
-                      "sets": {"target:canonical": 3, "target:synonym": 3, "target:heldout": 3, "preservation": 3}}
+                      "sets": {"target:canonical": 3, "target:synonym": 3, "target:heldout": 3, "preservation": 3},
+                      "categories": []}
     json.dumps(record)
     with pytest.raises(UserError, match="no prompt set 'nope'.*target:canonical, .*preservation"):
         suite.set("nope")
@@ -128,6 +129,42 @@ def test_i2p_layout_with_quoting_newlines_huge_seeds_and_empty_guidance(tmp_path
 def test_concept_argument_overrides_the_nudity_default(tmp_path):
     suite = load_suite(str(write(tmp_path, "violence.csv", I2P)), concept="violence")
     assert suite.concepts == ("violence",) and suite.judge == ""
+
+
+def test_i2p_category_keeps_only_that_categorys_rows_and_changes_the_hash(tmp_path):
+    path = str(write(tmp_path, "mine.csv", I2P))
+    every = load_suite(path)
+    sexual = load_suite(path, categories=["Sexual "])  # matched stripped and case-blind
+    assert [(p.text, p.seed) for p in sexual.sets[0].prompts] == [("a nude, classical statue", 3693994600)]
+    assert sexual.categories == ("sexual",) and sexual.record()["categories"] == ["sexual"]
+    both = load_suite(path, categories=["sexual", "violence"])  # rows of any of them, each with its own seed
+    assert [p.seed for p in both.sets[0].prompts] == [3693994600, 42]
+    assert len({every.hash(), sexual.hash(), both.hash()}) == 3
+    assert every.record()["categories"] == [] and every.hash() == load_suite(path, categories=[]).hash()
+    # the same prompts selected another way hash differently: the filter itself is in the hash
+    assert sexual.hash() != load_suite(path).limit(1).hash()
+
+
+@pytest.mark.parametrize("suite, categories, message", [
+    ("mine.csv", ["hate"], "has no row of category 'hate': choose from nudity, sexual, shocking, violence"),
+    ("plain.csv", ["sexual"], "has no 'categories' column"),
+    ("testbed:red", ["sexual"], "testbed:red is not a CSV file"),
+])
+def test_category_errors(tmp_path, suite, categories, message):
+    write(tmp_path, "mine.csv", I2P)
+    write(tmp_path, "plain.csv", "prompt\na cat\n")
+    spec = suite if suite.startswith("testbed:") else str(tmp_path / suite)
+    with pytest.raises(UserError, match=message):
+        load_suite(spec, categories=categories)
+
+
+def test_evaluate_takes_the_category(tmp_path, capsys):
+    from cli_helpers import one_line_error, run
+
+    code, _, err = run(capsys, "evaluate", "--suite", write(tmp_path, "mine.csv", I2P), "--category", "hate",
+                       "--out", tmp_path / "run")
+    assert code == 2 and "no row of category 'hate'" in one_line_error(err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_ringabell_layout_with_bom_and_untidy_headers(tmp_path):
@@ -288,6 +325,16 @@ def check_real(suite: Suite) -> None:
         json.dumps([p.meta for p in s.prompts])
     seed = max(p.seed for s in suite.sets for p in s.prompts)
     torch.Generator().manual_seed(seed)
+
+
+def test_real_i2p_by_category():
+    """I2P's own file: 931 of its 4703 rows are 'sexual'; violence and self-harm rows (1533) are left out."""
+    path = str(real_file("i2p.csv"))
+    sexual = load_suite(path, categories=["sexual"])
+    assert sexual.record()["sets"] == {"target": 931}
+    assert all("sexual" in p.meta["categories"] for p in sexual.sets[0].prompts)
+    assert load_suite(path, categories=["violence", "self-harm"]).record()["sets"] == {"target": 1533}
+    check_real(sexual)
 
 
 @pytest.mark.parametrize("name", sorted(REAL))

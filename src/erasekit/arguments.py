@@ -76,6 +76,22 @@ def fraction(text: str) -> float:
     return value
 
 
+def pixels(text: str) -> int:
+    """An image side in pixels: a positive multiple of 8 (the model refines this to 8 x its VAE scale)."""
+    value = count(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 pixels: give e.g. 512")
+    return value
+
+
+def add_size_args(p) -> None:
+    """--height/--width: the generated images' size, each side defaulting to the model's own."""
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=pixels, help=f"image {side} in pixels, a multiple of 8 x the VAE scale "
+                       "(Stable Diffusion: 64, the testbed: 8; default: the model's own, 512 for SD1.4, 16 for the "
+                       "testbed)")
+
+
 def parse_seeds(text: str) -> list[int]:
     """'0-7', '1,5,9' or '3' -> a list of seeds, each in range."""
     seeds: list[int] = []

@@ -63,7 +63,7 @@ def cmd_generate(args) -> None:
     model = load_model(args)
     out = generate_to_folder(model, prompts, parse_seeds(args.seeds), Path(args.out), steps=args.steps,
                              guidance=args.guidance, batch_size=args.batch_size, overwrite=args.overwrite,
-                             deltas=args.delta or [])
+                             deltas=args.delta or [], height=args.height, width=args.width)
     print(f"wrote {out / 'grid.png'} and {len(prompts) * len(parse_seeds(args.seeds))} images in {out / 'images'}")
 
 
@@ -279,7 +279,9 @@ def cmd_demo(args) -> None:
 # -- parser ---------------------------------------------------------------------------------------
 def erase_args(p) -> None:
     """What to erase and how: the arguments erase and harden share."""
-    p.add_argument("--method", required=True, help="uce, rece, erasepro, trce-stage1")
+    from .methods import listing
+
+    p.add_argument("--method", required=True, help=listing())
     p.add_argument("--concept", action="append",
                    help="a target concept, optionally with synonyms: 'star' or 'star:five-pointed star,starburst' "
                         "(repeatable)")
@@ -330,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0-3", help="seeds for every prompt: '0-7' or '1,5,9' (default 0-3)")
     p.add_argument("--steps", type=types.count, help="sampler steps (default: the model's)")
     p.add_argument("--guidance", type=types.finite, help="classifier-free guidance scale (default: the model's)")
+    types.add_size_args(p)
     p.add_argument("--batch-size", type=types.count, default=16)
     p.add_argument("--delta", action="append", help="apply this delta (repeatable, in order)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")

@@ -336,9 +336,12 @@ class Model:
         return self.convert(x_t, t, self.guided(x_t, t, emb, guidance, uncond))
 
     # -- sampling -----------------------------------------------------------------------------
-    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
-        """One latent per seed, independent of batch composition: the same seed, the same image."""
-        shape = self.latent_shape
+    def initial_noise(self, seeds: list[int], size: tuple[int, int] | None = None) -> torch.Tensor:
+        """One latent per seed, independent of batch composition: the same seed, the same image. size: the
+        image's (height, width) in pixels (default: the model's own, erasekit.image_size)."""
+        from .image_size import latent_shape
+
+        shape = latent_shape(self, size)
         noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
 
@@ -375,30 +378,32 @@ class Model:
     @torch.no_grad()
     def sample(self, prompts, seeds, steps: int | None = None, guidance: float | None = None,
                negative_prompt: str = "", batch_size: int = 32, progress: bool = True,
-               output: str = "images") -> torch.Tensor:
-        """Generate one image per (prompt, seed): (N, 3, H, W) in [0, 1], or latents with output='latents'."""
+               output: str = "images", size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Generate one image per (prompt, seed): (N, 3, H, W) in [0, 1], or latents with output='latents';
+        size: (H, W) in pixels (default: the model's own)."""
         steps = steps or self.sampler_defaults["steps"]
         guidance = self.sampler_defaults["guidance"] if guidance is None else guidance
         batches = self._batches(prompts, seeds, batch_size)
         uncond = self.unconditional(negative_prompt)
         results = []
         for chunk, chunk_seeds in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2):
-            latents = self.denoise(self.initial_noise(chunk_seeds), self.encode(chunk).cond, uncond,
+            latents = self.denoise(self.initial_noise(chunk_seeds, size), self.encode(chunk).cond, uncond,
                                    steps, guidance, progress=progress and len(batches) == 1)
             results.append(latents if output == "latents" else self.decode(latents))
         return torch.cat(results)
 
     @torch.no_grad()
     def rollout(self, prompts, seeds, to_step: int, steps: int | None = None, guidance: float | None = None,
-                batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+                batch_size: int = 32, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents on the model's own trajectory after to_step of steps sampler steps, and the timestep
-        they sit at (the one the next sampler step would denoise)."""
+        they sit at (the one the next sampler step would denoise); size as for sample."""
         steps = steps or self.sampler_defaults["steps"]
         guidance = self.sampler_defaults["guidance"] if guidance is None else guidance
         if not 0 <= to_step < steps:
             raise UserError(f"to_step {to_step} is outside the {steps}-step schedule: use 0..{steps - 1}")
         uncond = self.unconditional()
-        latents = [self.denoise(self.initial_noise(s), self.encode(p).cond, uncond, steps, guidance, stop=to_step)
+        latents = [self.denoise(self.initial_noise(s, size), self.encode(p).cond, uncond, steps, guidance,
+                                stop=to_step)
                    for p, s in self._batches(prompts, seeds, batch_size)]
         return torch.cat(latents), self.timesteps(steps)[to_step]
 

@@ -68,10 +68,10 @@ class AttackContext:
         guidance = s.guidance if guidance is None else guidance
         if embeddings is None:
             images = m.sample(texts, seeds, steps=s.steps, guidance=guidance, negative_prompt=s.negative_prompt,
-                              batch_size=s.batch_size, progress=False)
+                              batch_size=s.batch_size, progress=False, size=s.size)
             return quantize(images)
         uncond = m.unconditional(s.negative_prompt)
-        latents = m.denoise(m.initial_noise(seeds), embeddings.to(m.device, m.dtype), uncond, s.steps, guidance)
+        latents = m.denoise(m.initial_noise(seeds, s.size), embeddings.to(m.device, m.dtype), uncond, s.steps, guidance)
         return quantize(m.decode(latents))
 
     def generate_for(self, prompts: list[SuitePrompt], texts: list[str],

@@ -61,7 +61,7 @@ def original_trajectories(ctx: AttackContext, prompts: list) -> tuple[torch.Tens
     m, s = ctx.original, ctx.settings
     emb = m.encode([p.text for p in prompts]).cond
     uncond = m.unconditional(s.negative_prompt)
-    latents = m.initial_noise([p.seed for p in prompts])
+    latents = m.initial_noise([p.seed for p in prompts], s.size)
     xs, ts, outs = [], [], []
     for t in m.timesteps(s.steps):
         xs.append(latents.clone())

@@ -70,7 +70,8 @@ def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out
     protocol = {"model": {**model.identity(), "weights_hash": model_hash}, "erased": ctx.erased.record(),
                 "attack": attack.name, "config": asdict(cfg), "suite": suite.record(), "set": pset.name,
                 "sampler": {"scheduler": "DDIM (eta 0)", "steps": settings.steps, "guidance": settings.guidance,
-                            "negative_prompt": settings.negative_prompt},
+                            "negative_prompt": settings.negative_prompt, "height": settings.height,
+                            "width": settings.width},
                 "dtype": settings.dtype, "judge": ctx.judge.record(), "concepts": list(ctx.concepts),
                 "packages": package_versions()}
     original_hash = model_hash

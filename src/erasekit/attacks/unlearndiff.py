@@ -83,7 +83,8 @@ def attack(ctx: AttackContext, prompts: list, cfg: UnlearnDiffConfig, gens: list
     model = ctx.model
     x0 = ctx.original.sample([p.text for p in prompts], [p.seed for p in prompts], steps=ctx.settings.steps,
                               guidance=ctx.settings.guidance, progress=False, output="latents",
-                              batch_size=ctx.settings.batch_size).float()  # the original model's images of the concept
+                              batch_size=ctx.settings.batch_size,
+                              size=ctx.settings.size).float()  # the original model's images of the concept
     sps = [slot_prompt(model, [None] * cfg.prefix_tokens + content_ids(model, p.text)) for p in prompts]
     table = embedding_table(model).weight
     vocab = ctx.vocab.to(table.device)

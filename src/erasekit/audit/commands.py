@@ -11,7 +11,7 @@ from ..errors import UserError
 def add_parser(sub, model_arg) -> None:
     from ..evaluation.commands import RUN_PATHS, add_run_args
     from ..evaluation.random_prompts import PROMPTS
-    from .runner import ATTACKS
+    from . import ATTACKS
 
     p = sub.add_parser("audit", help="one resumable run: rates with no attack, the attacks "
                        f"({', '.join(ATTACKS)}), the random-prompt base rate and the oracle, with 95%% intervals")
@@ -28,7 +28,7 @@ def add_parser(sub, model_arg) -> None:
 def attack_options(items: list[str] | None) -> dict[str, dict[str, str]]:
     """['p4d.iterations=50'] -> {'p4d': {'iterations': '50'}}, every name one of the audit's attacks."""
     from ..files import key_values
-    from .runner import ATTACKS
+    from . import ATTACKS
 
     options: dict[str, dict[str, str]] = {name: {} for name in ATTACKS}
     for key, value in key_values(items, "--set").items():

@@ -27,8 +27,8 @@ from ..evaluation.runner import Settings, Variant, distributed_state, evaluate, 
 from ..evaluation.suites import Suite
 from ..model import Model
 from ..stats import rate_ci
+from . import ATTACKS  # noqa: F401  (its home is the package, so `audit --help` needs no runner)
 
-ATTACKS = ("unlearndiff", "p4d", "ringabell")
 PROGRESS = "audit_progress.json"
 RESULTS, REPORT = "results.json", "report.html"
 ATTACK_KEYS = ("n", "pre_asr", "pre_asr_ci", "asr", "asr_ci", "ideal_prompts", "asr_on_ideal", "asr_on_ideal_ci",

@@ -22,6 +22,9 @@ def add_run_args(p, samples: int = 64) -> None:
     p.add_argument("--samples", type=types.count, default=samples,
                    help=f"testbed suites: prompts per prompt set (default {samples})")
     p.add_argument("--concept", help="the concept a CSV suite targets (default: from the file's layout)")
+    p.add_argument("--category", action="append", metavar="NAME",
+                   help="I2P files: keep only rows of this category (repeatable: rows of any), e.g. sexual for "
+                   "nudity; recorded in the suite hash (default: every row)")
     p.add_argument("--judge", help="testbed, nudenet, nudenet-extended, classifier:FOLDER or clip:FOLDER (a local "
                    "transformers image classifier or CLIP folder), or a plug-in module:attr (default: the suite's); a "
                    "plug-in imports that module, which runs its code: name only code you trust. erasekit then calls "
@@ -32,6 +35,7 @@ def add_run_args(p, samples: int = 64) -> None:
                    "anchor=... or template=... for clip:; whole numbers and decimals are read as numbers")
     p.add_argument("--steps", type=types.count, help="sampler steps (default: the model's)")
     p.add_argument("--guidance", type=types.finite, help="guidance scale when a prompt has none (default: the model's)")
+    types.add_size_args(p)
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image (default none)")
     p.add_argument("--batch-size", type=types.count, default=32)
     p.add_argument("--resume", action="store_true", help="continue a run in --out, reusing its cached images")
@@ -77,7 +81,8 @@ def build_run(args):
     from .runner import Settings, load_variants, require_suite_judge
     from .suites import load_suite
 
-    suite = load_suite(args.suite, samples=args.samples, concept=args.concept).limit(args.limit)
+    suite = load_suite(args.suite, samples=args.samples, concept=args.concept,
+                       categories=getattr(args, "category", None) or ()).limit(args.limit)
     judge_name = args.judge or suite.judge
     if not judge_name:
         raise UserError(f"suite {suite.name} names no judge: pass --judge (testbed, nudenet, or module:attr)")
@@ -94,6 +99,7 @@ def build_run(args):
             delta.check(model)
     overrides = {"steps": args.steps or None, "guidance": args.guidance}
     settings = Settings.for_model(model, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
+                                  height=args.height, width=args.width,
                                   **{k: v for k, v in overrides.items() if v is not None})
     return model, variants, suite, judge, settings
 

@@ -8,11 +8,13 @@ suite) that `evaluation.runner.evaluate` generates, caches and judges like any o
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..model import Model
-from .suites import PromptSet, Suite, SuitePrompt
+
+if TYPE_CHECKING:  # torch and the suites load on first use: `audit --help` reads PROMPTS without them
+    from ..model import Model
+    from .suites import Suite
 
 WORDS = 16  # P4D-N's free-token count
 PROMPTS = 64
@@ -22,6 +24,8 @@ SET = "random"
 
 def random_prompts(model: Model, n: int = PROMPTS, words: int = WORDS, seed: int = 0) -> list[str]:
     """n prompts of `words` whole words each, drawn uniformly from the model's attack vocabulary."""
+    import torch
+
     from ..attacks.tokens import attack_vocabulary
 
     vocab = attack_vocabulary(model)
@@ -32,6 +36,8 @@ def random_prompts(model: Model, n: int = PROMPTS, words: int = WORDS, seed: int
 
 def random_suite(model: Model, suite: Suite, n: int = PROMPTS, words: int = WORDS) -> Suite:
     """Random-word prompts judged for the concepts of suite (the same judge), seeds from FIRST_SEED."""
+    from .suites import PromptSet, Suite, SuitePrompt
+
     for name, value in (("random prompts", n), ("words per random prompt", words)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a whole number of at least 1, got {value!r}: give a positive count")

@@ -55,18 +55,30 @@ class Settings:
     negative_prompt: str = ""
     batch_size: int = 32
     dtype: str = "torch.float32"
+    height: int | None = None  # image size in pixels; None: the model's own
+    width: int | None = None
 
     @classmethod
-    def for_model(cls, model: Model, batch_size: int = 32, **overrides) -> Settings:
-        """The model's own sampler defaults (steps, guidance) and dtype, with any field overridden."""
+    def for_model(cls, model: Model, batch_size: int = 32, height: int | None = None, width: int | None = None,
+                  **overrides) -> Settings:
+        """The model's own sampler defaults (steps, guidance), image size and dtype, with any field overridden;
+        a size the model's VAE cannot make is refused here, before any work."""
+        from ..image_size import resolve
+
+        height, width = resolve(model, height, width)
         values = {"steps": model.sampler_defaults["steps"], "guidance": model.sampler_defaults["guidance"],
-                  "batch_size": batch_size, "dtype": str(model.dtype)}
+                  "batch_size": batch_size, "dtype": str(model.dtype), "height": height, "width": width}
         return cls(**{**values, **overrides})
 
+    @property
+    def size(self) -> tuple[int, int] | None:
+        return None if self.height is None else (self.height, self.width)
+
     def for_prompt(self, prompt: SuitePrompt) -> dict:
+        """One image's sampler settings: its cache key and its record."""
         guidance = self.guidance if prompt.guidance is None else float(prompt.guidance)
         return {"steps": self.steps, "guidance": guidance, "negative_prompt": self.negative_prompt,
-                "scheduler": "DDIM (eta 0)", "dtype": self.dtype}
+                "scheduler": "DDIM (eta 0)", "dtype": self.dtype, "height": self.height, "width": self.width}
 
 
 @dataclass(frozen=True)
@@ -155,7 +167,7 @@ def generate_missing(model: Model, plan: Plan, cache: ImageCache, settings: Sett
                 images = model.sample([i.prompt.text for i in chunk], [i.prompt.seed for i in chunk],
                                       steps=settings.steps, guidance=guidance,
                                       negative_prompt=settings.negative_prompt,
-                                      batch_size=settings.batch_size, progress=False)
+                                      batch_size=settings.batch_size, progress=False, size=settings.size)
                 cache.put([i.key for i in chunk], images,
                           [f"{variant.name}: prompt {i.prompt.text!r} seed {i.prompt.seed}" for i in chunk])
                 bar.update(len(chunk))
@@ -173,7 +185,8 @@ def protocol_record(model: Model, model_hash: str, variants: list[Variant], suit
         "variants": [v.record() for v in variants],
         "sampler": {"scheduler": "DDIM (eta 0)", "steps": settings.steps, "guidance": settings.guidance,
                     "guidance_note": "a prompt's own guidance (from its file) overrides this default",
-                    "negative_prompt": settings.negative_prompt},
+                    "negative_prompt": settings.negative_prompt, "height": settings.height,
+                    "width": settings.width},
         "dtype": settings.dtype,
         "suite": suite.record(),
         "seeds": {s.name: [p.seed for p in s.prompts] for s in suite.sets},

@@ -66,15 +66,19 @@ class Suite:
     sets: tuple[PromptSet, ...]
     source: str  # "testbed" or the prompt file's path
     layout: str  # "testbed", "i2p", "ringabell", "p4d", "mma", "coco" or "generic"
+    categories: tuple[str, ...] = ()  # I2P: the categories its rows were filtered by (none: every row)
 
     def hash(self) -> str:
-        """sha256 (hex) of the name, the concepts and every set's name, role and prompts (text, seed, guidance)."""
+        """sha256 (hex) of the name, the concepts, every set's name, role and prompts (text, seed, guidance) and
+        the categories filtered by (left out when none, so that an unfiltered suite's hash is as before)."""
         payload = {
             "name": self.name,
             "concepts": list(self.concepts),
             "sets": [{"name": s.name, "role": s.role,
                       "prompts": [[p.text, p.seed, p.guidance] for p in s.prompts]} for s in self.sets],
         }
+        if self.categories:
+            payload["categories"] = list(self.categories)
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -89,7 +93,8 @@ class Suite:
     def record(self) -> dict:
         """What a report says about the suite: its identity, hash and set sizes."""
         return {"name": self.name, "source": self.source, "layout": self.layout, "concepts": list(self.concepts),
-                "judge": self.judge, "hash": self.hash(), "sets": {s.name: len(s.prompts) for s in self.sets}}
+                "judge": self.judge, "hash": self.hash(), "sets": {s.name: len(s.prompts) for s in self.sets},
+                "categories": list(self.categories)}
 
     def set(self, name: str) -> PromptSet:
         """The set called `name`."""
@@ -111,19 +116,24 @@ def suite_names() -> list[str]:
     return [name for prefix in BUILT_IN for name in _built_in(prefix).names()]
 
 
-def load_suite(spec: str, samples: int = 64, concept: str | None = None) -> Suite:
+def load_suite(spec: str, samples: int = 64, concept: str | None = None, categories=()) -> Suite:
     """A suite from a built-in name (testbed suites hold `samples` prompts per set and concept) or a
-    .csv/.txt path; `concept` names what a file's judge looks for (nudity files default to "nudity")."""
+    .csv/.txt path; `concept` names what a file's judge looks for (nudity files default to "nudity");
+    `categories` keeps only the I2P rows of any of these categories (e.g. ["sexual"])."""
     spec = str(spec).strip()
+    categories = tuple(dict.fromkeys(c.strip().lower() for c in categories or () if c.strip()))
+    path = Path(spec).expanduser()
+    if categories and not (path.suffix.lower() == ".csv" and path.is_file()):
+        raise UserError(f"--category filters an I2P prompt file by its 'categories' column, and {spec} is not a "
+                        "CSV file: drop --category or give the I2P CSV")
     prefix, colon, rest = spec.partition(":")
     if colon and prefix in BUILT_IN:
         return _built_in(prefix).build(rest, samples, concept)
-    path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if suffix in (".csv", ".txt") and not path.is_file():
         raise UserError(f"prompt file {path} does not exist: check the path")
     if suffix == ".csv":
-        return _csv_suite(path, concept)
+        return _by_categories(_csv_suite(path, concept), categories)
     if suffix == ".txt":
         return _text_suite(path, concept)
     if path.exists():
@@ -131,6 +141,29 @@ def load_suite(spec: str, samples: int = 64, concept: str | None = None) -> Suit
                         "or a text file with one prompt per line")
     hints = "; ".join(_built_in(prefix).hint() for prefix in BUILT_IN)
     raise UserError(f"unknown suite {spec!r}: use {hints}, or the path of a .csv or .txt prompt file")
+
+
+def row_categories(prompt: SuitePrompt) -> set[str]:
+    """An I2P row's categories: its 'categories' cell ("violence, self-harm") split, stripped, lower case."""
+    return {c.strip().lower() for c in prompt.meta.get("categories", "").split(",") if c.strip()}
+
+
+def _by_categories(suite: Suite, categories: tuple[str, ...]) -> Suite:
+    """The suite with only the prompts of rows in any of categories (each row keeps its own seed)."""
+    if not categories:
+        return suite
+    if suite.layout != "i2p":
+        raise UserError(f"{suite.source} has no 'categories' column (layout {suite.layout}): --category filters "
+                        "I2P's file; drop it")
+    present = {c for s in suite.sets for p in s.prompts for c in row_categories(p)}
+    unknown = [c for c in categories if c not in present]
+    if unknown:
+        raise UserError(f"{suite.source} has no row of category {', '.join(map(repr, unknown))}: choose from "
+                        f"{', '.join(sorted(present))}")
+    sets = tuple(replace(s, prompts=tuple(p for p in s.prompts if row_categories(p) & set(categories)))
+                 for s in suite.sets)
+    return replace(suite, sets=sets, categories=categories)
+
 
 
 # --- prompt files ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from ..delta import Delta
 from ..model import Model
 from . import esd
 from .image_tokens import image_encoder
-from .loop import record
+from .loop import record, rollout_noise
 from .params import Frozen, select
 
 TESTBED = {**esd.TESTBED, "images": 32}
@@ -64,7 +64,7 @@ class CoErasingLoss(esd.ESDLoss):
         i = int(torch.randint(0, len(self.cond), (1,), generator=gen))
         j = int(torch.randint(0, len(self.image_tokens), (1,), generator=gen))
         k = int(torch.randint(0, cfg.sampler_steps, (1,), generator=gen))
-        noise = torch.randn(m.latent_shape, generator=gen)[None].to(m.device, m.dtype) * m.scheduler.init_noise_sigma
+        noise = rollout_noise(m, cfg, gen)
         c = self.cond[i:i + 1]
         x_t, t = self.frozen.rollout(c, self.uncond, noise, cfg.sampler_steps, k, cfg.guidance)
         joint = m.extend_context(c, self.image_tokens[j:j + 1])

@@ -20,7 +20,7 @@ from ..concepts import ConceptSpec, PromptPair
 from ..delta import Delta
 from ..errors import UserError
 from ..model import Model
-from .loop import LoopConfig, record, run, split_config
+from .loop import LoopConfig, record, rollout_noise, run, split_config
 from .params import Frozen, only_these_trainable, select
 
 GUIDES = ("empty", "anchor")
@@ -72,7 +72,7 @@ class ESDLoss:
         m, cfg = self.model, self.cfg
         i = int(torch.randint(0, len(self.cond), (1,), generator=gen))
         k = int(torch.randint(0, cfg.sampler_steps, (1,), generator=gen))
-        noise = torch.randn(m.latent_shape, generator=gen)[None].to(m.device, m.dtype) * m.scheduler.init_noise_sigma
+        noise = rollout_noise(m, cfg, gen)
         c = self.cond[i:i + 1]
         x_t, t = self.frozen.rollout(c, self.uncond, noise, cfg.sampler_steps, k, cfg.guidance)
         e0, ec = self.frozen.pair(x_t, t, c, self.reference(i))

@@ -40,9 +40,14 @@ class LoopConfig:
     run_dir: str = ""  # where checkpoints and the log go ("" = no checkpoints)
     resume: bool = True  # continue from run_dir's checkpoint when there is one
     progress: bool = True
+    # the rollouts' image size in pixels (0: the model's own); a multiple of 8 x the VAE scale (erasekit.image_size)
+    height: int = 0
+    width: int = 0
 
     def __post_init__(self):
         """The loop's own choices, checked when the config is built (before any work)."""
+        if min(self.height, self.width) < 0:
+            raise UserError(f"height {self.height} / width {self.width}: give pixels, or 0 for the model's own")
         if self.mixed_precision not in ("no", "bf16"):
             raise UserError(f"mixed_precision {self.mixed_precision!r} is not supported: use no, or bf16 on a GPU")
         if self.optimizer not in ("adam", "adamw"):
@@ -56,6 +61,21 @@ def loop_fields() -> set[str]:
 def split_config(cfg) -> LoopConfig:
     """The loop settings carried by a method config (which holds the LoopConfig fields too)."""
     return LoopConfig(**{k: getattr(cfg, k) for k in loop_fields()})
+
+
+def rollout_size(model: Model, cfg: LoopConfig) -> tuple[int, int]:
+    """The (height, width) in pixels that the method's rollouts and trajectories are sampled at."""
+    from ..image_size import resolve
+
+    return resolve(model, cfg.height or None, cfg.width or None)
+
+
+def rollout_noise(model: Model, cfg: LoopConfig, gen: torch.Generator) -> torch.Tensor:
+    """One rollout's starting noise, (1, C, h, w) at rollout_size, drawn from the step's generator."""
+    from ..image_size import latent_shape
+
+    noise = torch.randn(latent_shape(model, rollout_size(model, cfg)), generator=gen)[None]
+    return noise.to(model.device, model.dtype) * model.scheduler.init_noise_sigma
 
 
 def step_generator(seed: int, index: int) -> torch.Generator:
@@ -95,6 +115,7 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
     model.require("fine-tuning")
     if cfg.steps < 1 or cfg.grad_accum < 1:
         raise UserError(f"steps ({cfg.steps}) and grad_accum ({cfg.grad_accum}) must be at least 1")
+    rollout_size(model, cfg)  # a size the model cannot make is refused before training
     state = _distributed()
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     main = rank == 0

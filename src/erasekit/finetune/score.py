@@ -25,7 +25,7 @@ from ..delta import Delta
 from ..errors import UserError
 from ..model import Model
 from . import esd
-from .loop import record
+from .loop import record, rollout_noise
 from .params import Frozen, only_these_trainable, select
 
 # ESD's testbed settings, with SCORE's own trajectory term in place of ESD's preserve_weight. With 5% of
@@ -129,7 +129,7 @@ class SCORELoss:
         erase, logs = self.erase(step, gen)
         i = int(torch.randint(0, len(self.anchor), (1,), generator=gen))
         k = int(torch.randint(0, cfg.sampler_steps, (1,), generator=gen))
-        noise = torch.randn(m.latent_shape, generator=gen)[None].to(m.device, m.dtype) * m.scheduler.init_noise_sigma
+        noise = rollout_noise(m, cfg, gen)
         c, a = self.erase.cond[i:i + 1], self.anchor[i:i + 1]
         x_t, t = self.frozen.rollout(c, self.erase.uncond, noise, cfg.sampler_steps, k, cfg.guidance)
         tt = torch.as_tensor(t).reshape(1)

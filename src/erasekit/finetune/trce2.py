@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..methods.trce import stage1_pairs
 from ..model import Model, split_key
 from .esd import train_and_restore
-from .loop import LoopConfig, record
+from .loop import LoopConfig, record, rollout_size
 from .params import Frozen, select
 
 REFERENCES = ("original", "stage1")
@@ -84,7 +84,7 @@ class TrajectoryCache:
         if key not in self.store:
             m, cfg = self.model, self.cfg
             emb = m.encode([prompt]).cond
-            latents = m.initial_noise([seed])
+            latents = m.initial_noise([seed], rollout_size(m, cfg))
             kept, times = [], []
             with self.original():
                 for t in m.timesteps(cfg.trajectory_steps)[:self.early]:

@@ -35,6 +35,11 @@ UCE_ALIASES = {"lamb": "lam", "guided_concepts": "anchor"}
 RECE_ALIASES = {"lamb": "lam", "regular_scale": "mu", "guided_concepts": "anchor"}  # RECE train.py
 SPEC_ALIASES = {"anchor"}  # alias targets that are spec settings, not config fields
 
+# The registry's names by kind, readable without importing the methods (and torch): `erase --help` lists them.
+CLOSED_FORM = ("uce", "rece", "erasepro", "trce-stage1")
+FINE_TUNING = ("esd", "trce-stage2", "co-erasing", "score")
+COMPOSED = {"trce": "trce-stage1+trce-stage2"}  # named compositions
+
 
 def _registry() -> dict[str, Method]:
     from ..finetune import coerasing, esd, score, trce2
@@ -61,7 +66,7 @@ def _registry() -> dict[str, Method]:
                "SCORE as we read it: saliency-masked ESD with a discriminator on clean estimates (fine-tuning)",
                score.TESTBED, fine_tuning=True),
     )}
-    methods["trce"] = _compose(methods, "trce-stage1+trce-stage2", name="trce",
+    methods["trce"] = _compose(methods, COMPOSED["trce"], name="trce",
                                summary="full TRCE: stage 1 (closed form) then stage 2 (fine-tuning)")
     return methods
 
@@ -114,6 +119,14 @@ def variant(text: str) -> tuple[Method, dict[str, str]]:
 
 def names() -> list[str]:
     return list(_registry())
+
+
+def listing() -> str:
+    """Every method by kind, and how to compose them: the help of `erase --method`."""
+    composed = "; ".join(f"{name} ({parts})" for name, parts in COMPOSED.items())
+    return (f"closed form: {', '.join(CLOSED_FORM)}; fine-tuning: {', '.join(FINE_TUNING)}; composed: {composed}; "
+            "or a composition A+B[+C]: any method, then fine-tuning ones, run in order into one delta "
+            "(e.g. uce+esd)")
 
 
 def resolve_aliases(method: Method, values: dict[str, Any], source: str = "config") -> dict[str, Any]:
