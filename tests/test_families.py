@@ -282,3 +282,12 @@ def test_family_neutral_code_neither_imports_the_testbed_nor_asks_for_it_by_name
     for path in SRC.rglob("*.py"):
         if "testbed" not in path.relative_to(SRC).parts:
             assert not re.search(r"\.name\s*[!=]=\s*[\"']testbed[\"']", path.read_text()), f"{path} asks by name"
+
+
+def test_flux_makes_square_images_of_a_requested_size(tiny_flux, tmp_path, capsys):
+    flux = erasekit.load(tiny_flux, device="cpu")
+    image = flux.sample(["a cat"], [0], steps=2, progress=False, size=(32, 32))
+    assert image.shape[-2:] == (32, 32)
+    code, _, err = run(capsys, "generate", tiny_flux, "-p", "a cat", "--seeds", "0", "--steps", "2", "--height", "32",
+                       "--width", "64", "--out", tmp_path / "g")
+    assert code == 2 and "square images only" in one_line_error(err) and not (tmp_path / "g").exists()

@@ -16,9 +16,7 @@ def vae_scale(model) -> int:
 
 
 def default_size(model) -> tuple[int, int]:
-    _, height, width = model.latent_shape
-    scale = vae_scale(model)
-    return height * scale, width * scale
+    return model.image_size()
 
 
 def resolve(model, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -37,10 +35,9 @@ def check(model, size: tuple[int, int]) -> None:
                             f"(8 x its VAE scale {vae_scale(model)}), e.g. --{name} {default_size(model)[0]}")
 
 
-def latent_shape(model, size: tuple[int, int] | None) -> tuple[int, int, int]:
-    """The latent of one image of size (pixels; None: the model's own)."""
+def latent_shape(model, size: tuple[int, int] | None) -> tuple[int, ...]:
+    """The latent of one image of size (pixels; None: the model's own), as the model's family shapes it."""
     if size is None:
         return tuple(model.latent_shape)
     check(model, tuple(size))
-    scale = vae_scale(model)
-    return model.latent_shape[0], size[0] // scale, size[1] // scale
+    return model.latent_shape_for(tuple(size))

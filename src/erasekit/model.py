@@ -150,6 +150,17 @@ class Model:
         size = int(self.unet.config.sample_size)
         return (int(self.unet.config.in_channels), size, size)
 
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the images the model makes by default."""
+        _, height, width = self.latent_shape
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return height * scale, width * scale
+
+    def latent_shape_for(self, size: tuple[int, int]) -> tuple[int, ...]:
+        """The latent of one image of size (height, width) pixels."""
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.latent_shape[0], size[0] // scale, size[1] // scale
+
     @property
     def end_token_id(self) -> int:
         tok = self.tokenizer

@@ -71,16 +71,28 @@ class FluxModel(Model):
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        """The unpacked latent's height and width (the VAE's sample size over its scale)."""
-        size = int(self.vae.config.sample_size) // self.vae_scale
+    def image_size(self) -> tuple[int, int]:
+        size = int(self.vae.config.sample_size)
         return size, size
+
+    def latent_shape_for(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Packed latents: (patches, channels) of 2x2 latent patches. Square sizes only: the patch count alone
+        must give the image back."""
+        if size[0] != size[1]:
+            raise UserError(f"the FLUX adapter makes square images only, not {size[0]}x{size[1]}: give --height "
+                            "and --width equal")
+        side = size[0] // self.vae_scale
+        return (side // 2) ** 2, int(self.unet.config.in_channels)
 
     @property
     def latent_shape(self) -> tuple[int, int]:
-        h, w = self.latent_hw
-        return (h // 2) * (w // 2), int(self.unet.config.in_channels)
+        return self.latent_shape_for(self.image_size())
+
+    @staticmethod
+    def latent_hw(latents: torch.Tensor) -> tuple[int, int]:
+        """The unpacked latent's height and width of packed latents (B, patches, C): square."""
+        side = 2 * math.isqrt(latents.shape[1])
+        return side, side
 
     def identity(self) -> dict:
         cfg = self.unet.config
@@ -138,7 +150,7 @@ class FluxModel(Model):
         t = torch.as_tensor(t, device=x_t.device)
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         emb = emb.to(self.dtype)
-        h, w = self.latent_hw
+        h, w = self.latent_hw(x_t)
         img_ids = _image_ids(h // 2, w // 2).to(x_t.device, self.dtype)
         txt_ids = torch.zeros(emb.shape[1] - self.pooled_rows, 3, device=x_t.device, dtype=self.dtype)
         scale = self.sampler_defaults["guidance"] if guidance is None else guidance
@@ -167,13 +179,16 @@ class FluxModel(Model):
         return Prediction(eps=x + (1 - s) * u, x0=x - s * u, v=u)
 
     # -- sampling -----------------------------------------------------------------------------
-    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
-        noise = [torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    def initial_noise(self, seeds: list[int], size: tuple[int, int] | None = None) -> torch.Tensor:
+        from ..image_size import latent_shape
+
+        shape = latent_shape(self, size)
+        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.device, self.dtype)
 
     def timesteps(self, steps: int) -> torch.Tensor:
         cfg = self.scheduler.config
-        seq = self.latent_shape[0]
+        seq = self._sequence or self.latent_shape[0]
         lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
         b_lo, b_hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
         mu = b_lo + (b_hi - b_lo) * (seq - lo) / (hi - lo)  # the stock pipeline's resolution shift
@@ -182,9 +197,15 @@ class FluxModel(Model):
         self.scheduler.set_begin_index(0)
         return self.scheduler.timesteps
 
+    _sequence = None  # the packed length of the latents being denoised (the resolution shift depends on it)
+
     def denoise(self, latents, emb, uncond, steps: int, guidance: float, start: int = 0, stop: int | None = None,
                 progress: bool = False) -> torch.Tensor:
-        timesteps = self.timesteps(steps)
+        self._sequence = latents.shape[1]
+        try:
+            timesteps = self.timesteps(steps)
+        finally:
+            self._sequence = None
         self.scheduler.set_begin_index(start)
         stop = len(timesteps) if stop is None else stop
         with torch.no_grad():
@@ -193,7 +214,7 @@ class FluxModel(Model):
         return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        h, w = self.latent_hw
+        h, w = self.latent_hw(latents)
         n, _, c = latents.shape
         spatial = latents.view(n, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c // 4, h, w)
         cfg = self.vae.config
