@@ -295,8 +295,17 @@ def test_score_changes_only_salient_entries_and_resumes_with_its_discriminator(m
     assert max(float((resumed.tensors[k] - whole.tensors[k]).abs().max()) for k in whole.tensors) <= 1e-6
 
 
-def test_co_erasing_refines_image_tokens_into_word_states_and_trains_text_only(model):
+def test_co_erasing_refines_image_tokens_into_word_states_and_trains_text_only(model, monkeypatch):
     from erasekit.finetune import coerasing
+
+    asked = []
+    sample = type(model).sample
+
+    def recording(self, *args, **kwargs):
+        asked.append(kwargs.get("steps"))
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "sample", recording)
 
     words = torch.randn(3, 8)
     tokens = torch.randn(5, 4, 8)
@@ -308,6 +317,7 @@ def test_co_erasing_refines_image_tokens_into_word_states_and_trains_text_only(m
                                testbed=True)
     delta = method.erase(model, spec(), cfg)
     assert delta.method == "co-erasing" and delta.stats["images"] == 3
+    assert asked == [4] and delta.stats["image_steps"] == 4  # the concept images follow sampler_steps
     assert all("attn2." in k for k in delta.tensors)  # the saved model is a text-conditioned UNet
     delta.check(model)
 
@@ -377,3 +387,97 @@ def test_two_accelerate_processes_train_what_one_process_with_accumulation_two_t
     one, two = Delta.load(tmp_path / "one.safetensors"), Delta.load(tmp_path / "two.safetensors")
     assert set(one.tensors) == set(two.tensors)
     assert max(float((one.tensors[k] - two.tensors[k]).abs().max()) for k in one.tensors) <= 1e-5
+
+
+def _float_storage_bytes(model, shapes: set) -> int:
+    """Bytes of the distinct float storages, outside the text encoder and VAE, of live tensors shaped like a
+    trained parameter: the trained tensors and every copy of their size the run holds."""
+    import gc
+
+    others = {p.data_ptr() for m in (model.text_encoder, model.vae) for p in m.parameters()}
+    seen = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.dtype == torch.float32 and tuple(obj.shape) in shapes:
+            ptr = obj.untyped_storage().data_ptr()
+            if ptr not in others:
+                seen[ptr] = obj.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name, extra", [("esd", {}), ("score", {"saliency_prompts": "1"})])
+def test_training_holds_one_frozen_copy_beside_the_trained_tensors_and_adams_moments(model, monkeypatch, name,
+                                                                                    extra):
+    """At the second step's loss (gradients not made yet) the loop holds the trained tensors, one frozen copy
+    of their starting values and Adam's two moments: 4x their size in float32, nothing more (SCORE's masks
+    are bool)."""
+    from erasekit.finetune import loop
+
+    named = params.select(model, "esd-all")
+    shapes = {tuple(p.shape) for p in named.values()}
+    trained = sum(p.numel() * 4 for p in named.values())
+    seen = []
+    add = loop.ZeroTerms.add
+
+    def measuring(self, loss, logs):
+        if self.steps == 1:
+            seen.append(_float_storage_bytes(model, shapes) / trained)
+        add(self, loss, logs)
+
+    monkeypatch.setattr(loop.ZeroTerms, "add", measuring)
+    method = methods.get(name)
+    cfg = methods.build_config(method, {"steps": "2", "sampler_steps": "2", "progress": "false",
+                                        "parameters": "esd-all", **extra}, testbed=True)
+    method.erase(model, spec(), cfg)
+    assert len(seen) == 1 and 3.99 < seen[0] < 4.05, seen
+
+
+def test_score_bool_masks_train_what_float_gradient_masks_trained(model, monkeypatch):
+    """SCORE's masks are bool and zero the accumulated gradient in place; the delta is bit for bit the one
+    the earlier float masks, multiplied into each gradient by a tensor hook, gave."""
+    from erasekit.finetune import score
+
+    method = methods.get("score")
+    values = {"steps": "3", "sampler_steps": "4", "progress": "false", "saliency_prompts": "2", "grad_accum": "2"}
+    new = method.erase(model, spec(), methods.build_config(method, values, testbed=True))
+
+    def float_hooks(named, masks):
+        assert all(m.dtype == torch.bool for m in masks.values())
+        floats = {k: m.float() for k, m in masks.items()}
+        return [p.register_hook(lambda g, mk=floats[k]: g * mk) for k, p in named.items()]
+
+    monkeypatch.setattr(score, "mask_gradients", float_hooks)
+    old = method.erase(model, spec(), methods.build_config(method, values, testbed=True))
+    assert set(new.tensors) == set(old.tensors) and new.tensors
+    assert all(torch.equal(new.tensors[k], old.tensors[k]) for k in new.tensors)
+
+
+def test_a_teacher_with_fixed_values_shares_the_starting_values(model):
+    named = params.select(model, "trce")
+    stage1 = params.Frozen(model, named)
+    kv = {n: p.detach() * 0.5 for n, p in params.select(model, "esd-x-strict").items()}
+    ref = stage1.with_fixed(kv)
+    assert all(ref.values[k] is stage1.start[k] for k in named)
+    assert all(torch.equal(ref.values[k], kv[k]) for k in kv) and not set(kv) & set(stage1.values)
+
+
+def test_a_run_that_changes_nothing_warns_and_names_the_zero_terms(model):
+    import dataclasses
+
+    method = methods.get("trce-stage2")
+    cfg = methods.build_config(method, {"steps": "2", "trajectory_steps": "4", "progress": "false"}, testbed=True)
+    cfg = dataclasses.replace(cfg, margin=-1e9)  # no settings file allows it: the hinge is 0 whatever the model
+    with pytest.warns(UserWarning, match=r"trce-stage2 changed none of its \d+ trained tensors in 2 steps, so its "
+                                         r"delta equals the base model: the loss was 0.0 on every one of 2 "
+                                         r"micro-batches; zero on every step: erase, preserve"):
+        delta = method.erase(model, spec(), cfg)
+    assert all(torch.equal(v, model.parameter(k).detach()) for k, v in delta.tensors.items())
+
+
+def test_a_run_that_changes_its_tensors_does_not_warn(model, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        delta = _esd(model, tmp_path / "run", parameters="esd-x-strict", steps="2")
+    assert max(delta.relative_change(model).values()) > 0
+    assert not [w for w in caught if "changed none" in str(w.message)]

@@ -21,7 +21,7 @@ from ..delta import Delta
 from ..model import Model
 from . import esd
 from .image_tokens import image_encoder
-from .loop import record, rollout_noise
+from .loop import record, rollout_noise, train_and_restore
 from .params import Frozen, select
 
 TESTBED = {**esd.TESTBED, "images": 32}
@@ -90,20 +90,23 @@ def erase(model: Model, spec: ConceptSpec, cfg: CoErasingConfig | None = None,
     stage1 = esd.erase(model, spec, stage1_cfg)
     texts, seeds = concept_prompts(model, spec, cfg.images)
     with torch.no_grad():
-        images = model.sample(texts, seeds, progress=False)  # the original model's images of the concept
+        # the original model's images of the concept, on the schedule the settings give (sampler_steps)
+        images = model.sample(texts, seeds, steps=cfg.sampler_steps, progress=False)
         tokens = encoder(images)
         if cfg.text_guided:
             tokens = refine(tokens, _word_states(model, spec).to(tokens.device))
     old = stage1.apply(model, check=False)
     try:
         named = select(model, cfg.parameters)
-        loss = CoErasingLoss(model, spec.pairs(), Frozen(model, named), cfg, tokens, spec.preserve_prompts())
+        frozen = Frozen(model, named)
+        loss = CoErasingLoss(model, spec.pairs(), frozen, cfg, tokens, spec.preserve_prompts())
         config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
                   "spec": spec.to_dict()}
         stage2_cfg = replace(cfg, run_dir=f"{cfg.run_dir}/stage2" if cfg.run_dir else "")
-        new = esd.train_and_restore(model, named, loss, stage2_cfg, {"method": "co-erasing", "config": config})
+        new = train_and_restore(model, named, frozen, loss, stage2_cfg, {"method": "co-erasing", "config": config})
     finally:
         Delta.revert(model, old)
     merged = {**stage1.tensors, **new}
     return Delta.from_changes(model, merged, "co-erasing", config,
-                              {"images": len(images), "image_tokens": list(tokens.shape[1:]), "tensors": len(merged)})
+                              {"images": len(images), "image_steps": cfg.sampler_steps,
+                               "image_tokens": list(tokens.shape[1:]), "tensors": len(merged)})

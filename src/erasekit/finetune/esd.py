@@ -20,8 +20,8 @@ from ..concepts import ConceptSpec, PromptPair
 from ..delta import Delta
 from ..errors import UserError
 from ..model import Model
-from .loop import LoopConfig, record, rollout_noise, run, split_config
-from .params import Frozen, only_these_trainable, select
+from .loop import LoopConfig, record, rollout_noise, train_and_restore
+from .params import Frozen, select
 
 GUIDES = ("empty", "anchor")
 # On the testbed: whole captions against their paired anchor captions, with preserve prompts held (striped,
@@ -96,25 +96,14 @@ def output_drift(model: Model, frozen: Frozen, prompts: torch.Tensor, x_t: torch
     return torch.nn.functional.mse_loss(model.raw(x_t, t, p).float(), frozen.raw(x_t, t, p).float())
 
 
-def train_and_restore(model: Model, named: dict, loss_fn, cfg, describe: dict, extra=None) -> dict[str, torch.Tensor]:
-    """Run the loop, then put the starting values back so a Delta can be made against them."""
-    start = {k: v.detach().clone() for k, v in named.items()}
-    try:
-        with only_these_trainable(model, named):
-            return run(model, named, loss_fn, split_config(cfg), describe, extra)
-    finally:
-        with torch.no_grad():
-            for k, p in named.items():
-                p.copy_(start[k])
-
-
 def erase(model: Model, spec: ConceptSpec, cfg: ESDConfig | None = None, base_values: dict | None = None) -> Delta:
     """ESD on the model as it is now (after an earlier stage, when composed: base_values is unused)."""
     cfg = cfg or ESDConfig()
     named = select(model, cfg.parameters)
     pairs = spec.pairs()
-    loss = ESDLoss(model, pairs, Frozen(model, named), cfg, spec.preserve_prompts())
+    frozen = Frozen(model, named)
+    loss = ESDLoss(model, pairs, frozen, cfg, spec.preserve_prompts())
     config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
               "spec": spec.to_dict()}
-    new = train_and_restore(model, named, loss, cfg, {"method": "esd", "config": config})
+    new = train_and_restore(model, named, frozen, loss, cfg, {"method": "esd", "config": config})
     return Delta.from_changes(model, new, "esd", config, {"prompts": len(pairs), "tensors": len(new)})

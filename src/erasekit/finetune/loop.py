@@ -5,12 +5,17 @@ loop does the rest: the optimizer, gradient accumulation, mixed precision on GPU
 seeded by (seed, step, process) so a resumed run draws exactly what an uninterrupted one would,
 checkpoints with optimizer state every N steps, a progress bar with the loss, and gradient averaging
 across processes when launched with accelerate. The result is a Delta of the trained tensors.
+
+Memory: the trained tensors, their gradients, the optimizer's two moments and one frozen copy of their
+starting values (`params.Frozen`, which is also what the model is restored from); nothing else of their size.
+A run whose trained tensors end where they started is reported with the loss terms that were zero.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -22,6 +27,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import append_jsonl, atomic_write_json, load_checkpoint, resume_jsonl, save_checkpoint
 from ..errors import UserError
 from ..model import Model
+from .params import Frozen, only_these_trainable
 
 LOG = "train.log.jsonl"
 
@@ -85,11 +91,12 @@ def step_generator(seed: int, index: int) -> torch.Generator:
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: LoopConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise UserError(f"unknown optimizer {cfg.optimizer!r}: use adam or adamw")
+    """Adam(W) updating one tensor at a time: the multi-tensor path (torch's default on a GPU) makes
+    temporaries the size of every trained tensor at once. On a CPU this is torch's default path anyway."""
+    if cfg.optimizer not in ("adam", "adamw"):
+        raise UserError(f"unknown optimizer {cfg.optimizer!r}: use adam or adamw")
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
 
 
 def _autocast(model: Model, cfg: LoopConfig):
@@ -107,11 +114,12 @@ def _distributed():
 
 
 def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, cfg: LoopConfig,
-        describe: dict | None = None, extra=None) -> dict[str, torch.Tensor]:
-    """Train the named parameters with loss_fn(step, generator) -> (loss, logs); returns their new values.
-    The parameters are trained in place; the caller restores them (see `esd.train_and_restore`). extra, when
-    given, is more training state (a discriminator and its optimizer) with checkpoint() -> (tensors, meta)
-    and restore(tensors, meta), saved and restored with the checkpoint."""
+        describe: dict | None = None, extra=None, zero: ZeroTerms | None = None) -> dict[str, torch.Tensor]:
+    """Train the named parameters with loss_fn(step, generator) -> (loss, logs); returns their new values (the
+    parameters' own tensors, detached: no copy). The parameters are trained in place; the caller restores them
+    (see `train_and_restore`). extra, when given, is more training state (a discriminator and its optimizer)
+    with checkpoint() -> (tensors, meta) and restore(tensors, meta), saved and restored with the checkpoint.
+    zero, when given, is told every micro-batch's loss and logs (see `ZeroTerms`)."""
     model.require("fine-tuning")
     if cfg.steps < 1 or cfg.grad_accum < 1:
         raise UserError(f"steps ({cfg.steps}) and grad_accum ({cfg.grad_accum}) must be at least 1")
@@ -132,12 +140,14 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
         _check_same_run(meta, describe)
         with torch.no_grad():
             for name, p in named.items():
-                p.copy_(groups["params"][name].to(p.device, p.dtype))
+                p.copy_(groups["params"].pop(name).to(p.device, p.dtype))
         start = meta["step"]
         if extra is not None:
             extra.restore(groups.get("extra", {}), meta.get("extra", {}))
+        del groups  # the checkpoint's copy of the trained tensors is not kept beside them
     if main and run_dir is not None:  # the log continues from the checkpoint: no torn line, no step twice
         resume_jsonl(run_dir / LOG, keep=lambda rec: rec.get("step", 0) <= start)
+    zero = zero if zero is not None else ZeroTerms()
     bar = tqdm(total=cfg.steps, initial=start, desc="fine-tuning", unit="step", disable=not (cfg.progress and main))
     t0 = time.time()
     for step in range(start, cfg.steps):
@@ -147,6 +157,7 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
             gen = step_generator(cfg.seed, (step * world + rank) * cfg.grad_accum + micro)
             with _autocast(model, cfg):
                 loss, logs = loss_fn(step, gen)
+            zero.add(loss, logs)
             (loss / cfg.grad_accum).backward()
         if world > 1:
             _average_gradients(params, world)
@@ -165,11 +176,72 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
                 if extra is not None:
                     groups["extra"], meta["extra"] = extra.checkpoint()
                 save_checkpoint(ckpt, groups, meta, optimizer=opt)
+                del groups
     bar.close()
+    del opt  # Adam's moments go before the caller builds its delta
     for p in params:
         p.grad = None
         p.requires_grad_(False)
-    return {k: v.detach().clone() for k, v in named.items()}
+    return {k: v.detach() for k, v in named.items()}
+
+
+class ZeroTerms:
+    """Whether the loss, and each named term of it (keys of the logs loss_fn returns; a loss names them in
+    its `terms` attribute), was zero on every micro-batch of a run."""
+
+    def __init__(self, terms=()):
+        self.terms = tuple(terms)
+        self.steps = 0
+        self.loss_zero = True
+        self.zero = dict.fromkeys(self.terms, True)
+        self.last_loss = 0.0
+
+    def add(self, loss, logs: dict) -> None:
+        self.steps += 1
+        self.last_loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        self.loss_zero = self.loss_zero and self.last_loss == 0.0
+        for term in self.terms:
+            self.zero[term] = self.zero[term] and float(logs.get(term, 0.0)) == 0.0
+
+    def describe(self) -> str:
+        if self.steps == 0:
+            return "no step ran in this process (resumed from a finished checkpoint)"
+        zero = [t for t, z in self.zero.items() if z]
+        nonzero = [t for t, z in self.zero.items() if not z]
+        if self.loss_zero:
+            out = f"the loss was 0.0 on every one of {self.steps} micro-batches"
+        else:
+            out = f"the loss was not zero (last {self.last_loss:.4g}): lr or the gradient's mask may be zero"
+        if zero:
+            out += f"; zero on every step: {', '.join(zero)}"
+        if nonzero and self.loss_zero:
+            out += f"; not always zero: {', '.join(nonzero)}"
+        return out
+
+
+def train_and_restore(model: Model, named: dict[str, torch.nn.Parameter], frozen: Frozen, loss_fn, cfg,
+                      describe: dict, extra=None) -> dict[str, torch.Tensor]:
+    """Run the loop with only `named` trainable, then put the starting values back so a Delta can be made
+    against them; returns the trained values. frozen holds those starting values (frozen.start): the trained
+    tensors are handed out as they are and the parameters take frozen's tensors again, so no copy of either
+    is made. Warns when nothing changed: such a delta equals its base."""
+    loop_cfg = split_config(cfg)
+    zero = ZeroTerms(getattr(loss_fn, "terms", ()))
+    try:
+        with only_these_trainable(model, named):
+            new = run(model, named, loss_fn, loop_cfg, describe, extra, zero)
+    finally:
+        with torch.no_grad():
+            for k, p in named.items():
+                p.data = frozen.start[k]
+    unchanged = [k for k, v in new.items() if torch.equal(v, frozen.start[k])]
+    if len(unchanged) == len(new):
+        method = (describe or {}).get("method", "fine-tuning")
+        warnings.warn(f"{method} changed none of its {len(new)} trained tensors in {loop_cfg.steps} steps, so its "
+                      f"delta equals the base model: {zero.describe()}; nothing is erased by it: change "
+                      "the settings that make the loss or its gradient zero (lr, margin, the concept's prompts)",
+                      stacklevel=2)
+    return new
 
 
 def _average_gradients(params, world: int) -> None:

@@ -52,16 +52,28 @@ def only_these_trainable(model: Model, named: dict[str, torch.nn.Parameter]):
 
 class Frozen:
     """The denoiser as it was before training, without a second copy of it: the trained parameters'
-    starting values are kept and swapped in for the call (torch.func.functional_call)."""
+    starting values are kept and swapped in for the call (torch.func.functional_call). These values are
+    the run's one copy of the starting weights: the loop restores the model from them
+    (`loop.train_and_restore`, after which the model's parameters hold these very tensors again), and
+    another teacher built with `with_fixed` shares them."""
 
     def __init__(self, model: Model, named: dict[str, torch.nn.Parameter],
                  fixed: dict[str, torch.Tensor] | None = None):
         """fixed: other denoiser tensors (bare UNet names) to hold other values than the model's in the
         call, e.g. the original K/V an earlier closed-form stage replaced."""
         self.model = model
-        self.values = {k: v.detach().clone() for k, v in named.items()}
+        self.start = {k: v.detach().clone() for k, v in named.items()}
+        self.values = dict(self.start)
         for k, v in (fixed or {}).items():
             self.values[k] = v.detach().to(model.device, model.dtype)
+
+    def with_fixed(self, fixed: dict[str, torch.Tensor]) -> Frozen:
+        """Another teacher with the same starting values (shared, not copied) and fixed tensors on top."""
+        other = Frozen.__new__(Frozen)
+        other.model, other.start = self.model, self.start
+        other.values = {**self.start, **{k: v.detach().to(self.model.device, self.model.dtype)
+                                         for k, v in fixed.items()}}
+        return other
 
     @torch.no_grad()
     def raw(self, x_t: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:

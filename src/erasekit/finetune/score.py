@@ -25,7 +25,7 @@ from ..delta import Delta
 from ..errors import UserError
 from ..model import Model
 from . import esd
-from .loop import record, rollout_noise
+from .loop import record, rollout_noise, train_and_restore
 from .params import Frozen, only_these_trainable, select
 
 # ESD's testbed settings, with SCORE's own trajectory term in place of ESD's preserve_weight. With 5% of
@@ -92,28 +92,54 @@ class Adversary:
 
 
 def saliency_masks(model: Model, named: dict, loss: esd.ESDLoss, cfg: SCOREConfig) -> dict[str, torch.Tensor]:
-    grads = {k: torch.zeros_like(p) for k, p in named.items()}
+    """Boolean masks of the entries that may change: per tensor, the top `saliency` share of |gradient| of
+    the erase loss summed over `saliency_prompts` prompts. Each |gradient| is added to the sums as soon as
+    backward has made it and then dropped, so only the sums are held beside the parameters."""
+    sums = {k: torch.zeros_like(p) for k, p in named.items()}
+
+    def add(k):
+        def hook(p):
+            sums[k] += p.grad.abs()
+            p.grad = None
+        return hook
+
     for p in named.values():
         p.grad = None  # a gradient left over from earlier training must not leak into the mask
         p.requires_grad_(True)
-    for i in range(cfg.saliency_prompts):
-        value, _ = loss(-1 - i, torch.Generator().manual_seed(cfg.seed * 7919 + i))
-        value.backward()
-        for k, p in named.items():
-            if p.grad is not None:
-                grads[k] += p.grad.abs()
-                p.grad = None
+    hooks = [p.register_post_accumulate_grad_hook(add(k)) for k, p in named.items()]
+    try:
+        for i in range(cfg.saliency_prompts):
+            value, _ = loss(-1 - i, torch.Generator().manual_seed(cfg.seed * 7919 + i))
+            value.backward()
+    finally:
+        for h in hooks:
+            h.remove()
     masks = {}
-    for k, g in grads.items():
+    for k in list(sums):
+        g = sums.pop(k)
         keep = max(1, int(cfg.saliency * g.numel()))
         threshold = g.flatten().kthvalue(g.numel() - keep + 1).values
-        masks[k] = (g >= threshold).to(g.dtype)
+        masks[k] = g >= threshold
+        del g
     for p in named.values():
         p.requires_grad_(False)
     return masks
 
 
+def mask_gradients(named: dict, masks: dict[str, torch.Tensor]) -> list:
+    """Zero every gradient entry outside its mask, in place, once backward has accumulated the gradient (no
+    masked copy of it); returns the hook handles."""
+    def zero_outside(mask):
+        def hook(p):
+            p.grad.mul_(mask)
+        return hook
+
+    return [p.register_post_accumulate_grad_hook(zero_outside(masks[k])) for k, p in named.items()]
+
+
 class SCORELoss:
+    terms = ("erase", "adv", "keep")  # logged loss terms the loop reports when training changes nothing
+
     def __init__(self, model: Model, spec: ConceptSpec, frozen: Frozen, cfg: SCOREConfig, adversary: Adversary):
         self.model, self.cfg, self.frozen, self.adv = model, cfg, frozen, adversary
         pairs = spec.pairs()
@@ -146,7 +172,8 @@ class SCORELoss:
         adv = bce(self.adv.disc(target_x0, tt), torch.tensor([0.5]))
         keep = esd.output_drift(m, self.frozen, self.keep, x_t, t, gen)
         total = erase + cfg.adv_weight * adv + cfg.traj_weight * keep
-        return total, {**logs, "disc_accuracy": accuracy, "adv": round(float(adv.detach()), 5)}
+        return total, {**logs, "disc_accuracy": accuracy, "erase": round(float(erase.detach()), 6),
+                       "adv": round(float(adv.detach()), 5), "keep": round(float(keep.detach()), 8)}
 
 
 @torch.no_grad()
@@ -183,15 +210,15 @@ def erase(model: Model, spec: ConceptSpec, cfg: SCOREConfig | None = None, base_
         masks = saliency_masks(model, named, loss.erase, cfg)
     for p in named.values():
         p.requires_grad_(True)
-    hooks = [p.register_hook(lambda g, mk=masks[k]: g * mk) for k, p in named.items()]
+    hooks = mask_gradients(named, masks)
     config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
               "spec": spec.to_dict(), "reading": "erasekit's reading of SCORE (no public code)"}
     try:
-        new = esd.train_and_restore(model, named, loss, cfg, {"method": "score", "config": config}, adversary)
+        new = train_and_restore(model, named, frozen, loss, cfg, {"method": "score", "config": config}, adversary)
     finally:
         for h in hooks:
             h.remove()
-    changed = {k: v for k, v in new.items() if not torch.equal(v, frozen.values[k])}
+    changed = {k: v for k, v in new.items() if not torch.equal(v, frozen.start[k])}
     delta = Delta.from_changes(model, changed or new, "score", config, {"tensors": len(changed),
                                                                       "saliency": cfg.saliency})
     with delta.applied(model, check=False):

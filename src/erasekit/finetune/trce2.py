@@ -32,8 +32,7 @@ from ..delta import Delta
 from ..errors import UserError
 from ..methods.trce import stage1_pairs
 from ..model import Model, split_key
-from .esd import train_and_restore
-from .loop import LoopConfig, record, rollout_size
+from .loop import LoopConfig, record, rollout_size, train_and_restore
 from .params import Frozen, select
 
 REFERENCES = ("original", "stage1")
@@ -101,6 +100,8 @@ class TRCEStage2Loss:
     stage's edit of the text encoder), swapped in to encode f's prompts; stage1: the model as stage 2 found
     it, for the preservation term; keep: the preservation prompts besides the empty one."""
 
+    terms = ("erase", "preserve")  # logged loss terms the loop reports when training changes nothing
+
     def __init__(self, model: Model, malicious: list[str], safe: list[str], ref: Frozen, stage1: Frozen,
                  cfg: TRCEStage2Config, original, ref_text: dict[str, torch.Tensor], keep: list[str]):
         self.model, self.ref, self.stage1, self.cfg = model, ref, stage1, cfg
@@ -159,11 +160,11 @@ def erase(model: Model, spec: ConceptSpec, cfg: TRCEStage2Config | None = None,
     ref, ref_text = stage1, {}
     if cfg.reference == "original":  # stage 1's original values: UNet ones in the frozen call, text ones to encode
         base = base_values or {}
-        ref = Frozen(model, named, fixed={k: v for k, v in base.items() if split_key(k)[0] == "unet"})
+        ref = stage1.with_fixed({k: v for k, v in base.items() if split_key(k)[0] == "unet"})  # shares stage1's values
         ref_text = {k: v for k, v in base.items() if split_key(k)[0] != "unet"}
     keep = spec.preserve_prompts() if cfg.preserve == "spec" else []
     loss = TRCEStage2Loss(model, malicious, safe, ref, stage1, cfg, original, ref_text, keep)
     config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
               "spec": spec.to_dict()}
-    new = train_and_restore(model, named, loss, cfg, {"method": "trce-stage2", "config": config})
+    new = train_and_restore(model, named, stage1, loss, cfg, {"method": "trce-stage2", "config": config})
     return Delta.from_changes(model, new, "trce-stage2", config, {"pairs": len(malicious), "tensors": len(new)})
