@@ -50,7 +50,7 @@ def test_help_and_argument_errors_import_no_torch():
 
 
 def test_the_public_names_still_import_from_the_package():
-    assert erasekit.load is erasekit.model.load and erasekit.Delta is erasekit.delta.Delta
+    assert erasekit.load is erasekit.families.load and erasekit.Delta is erasekit.delta.Delta
     assert callable(erasekit.judge_factory) and "Model" in dir(erasekit)
     with pytest.raises(AttributeError):
         erasekit.no_such_name  # noqa: B018
