@@ -77,12 +77,27 @@ def load_for_run(source: str, allow_pickle: bool = False, offline: bool = False)
 
 def build_run(args):
     """(model, variants, suite, judge, settings) from parsed arguments; every check before any work."""
-    from .judges import get_judge
-    from .runner import Settings, load_variants, require_suite_judge
+    from .runner import load_variants
     from .suites import load_suite
 
     suite = load_suite(args.suite, samples=args.samples, concept=args.concept,
                        categories=getattr(args, "category", None) or ()).limit(args.limit)
+    suite, judge = suite_judge(args, suite)
+    model = load_for_run(args.model, allow_pickle=getattr(args, "allow_pickle_weights", False),
+                         offline=getattr(args, "offline", False))
+    variants = load_variants(args.delta or [], stacked=args.stacked, base=model)
+    for variant in variants:
+        for delta in variant.deltas:
+            delta.check(model)
+    return model, variants, suite, judge, run_settings(args, model)
+
+
+def suite_judge(args, suite):
+    """(the suite with the judge's concepts, the judge) that --judge, --judge-option and --threshold name
+    (default: the suite's own judge)."""
+    from .judges import get_judge
+    from .runner import require_suite_judge
+
     judge_name = args.judge or suite.judge
     if not judge_name:
         raise UserError(f"suite {suite.name} names no judge: pass --judge (testbed, nudenet, or module:attr)")
@@ -90,18 +105,17 @@ def build_run(args):
     if args.threshold is not None:
         options["threshold"] = args.threshold
     judge = get_judge(judge_name, **options)
-    suite = require_suite_judge(suite, judge)
-    model = load_for_run(args.model, allow_pickle=getattr(args, "allow_pickle_weights", False),
-                         offline=getattr(args, "offline", False))
-    variants = load_variants(args.delta or [], stacked=args.stacked, base=model)
-    for variant in variants:
-        for delta in variant.deltas:
-            delta.check(model)
+    return require_suite_judge(suite, judge), judge
+
+
+def run_settings(args, model):
+    """Sampler steps, guidance, negative prompt, batch size and image size from the arguments, else the model's."""
+    from .runner import Settings
+
     overrides = {"steps": args.steps or None, "guidance": args.guidance}
-    settings = Settings.for_model(model, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
-                                  height=args.height, width=args.width,
-                                  **{k: v for k, v in overrides.items() if v is not None})
-    return model, variants, suite, judge, settings
+    return Settings.for_model(model, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
+                              height=getattr(args, "height", None), width=getattr(args, "width", None),
+                              **{k: v for k, v in overrides.items() if v is not None})
 
 
 def judge_options(items: list[str]) -> dict:

@@ -26,9 +26,10 @@ import torch
 
 from ..errors import UserError
 from ..model import CrossAttentionLayer, Encoded, Model
+from .pooled import PooledRows
 
 
-class FluxModel(Model):
+class FluxModel(PooledRows, Model):
     family = "flux"
     text_components = ("text_encoder", "text_encoder_2")
     unsupported = {  # feature -> why it does not run here yet
@@ -41,9 +42,7 @@ class FluxModel(Model):
         guided = bool(pipe.transformer.config.guidance_embeds)
         defaults = sampler_defaults or ({"steps": 28, "guidance": 3.5} if guided else {"steps": 4, "guidance": 0.0})
         super().__init__(pipe, source, name, defaults, origin)
-        self.context_dim = int(pipe.transformer.config.joint_attention_dim)
-        self.pooled_dim = int(pipe.transformer.config.pooled_projection_dim)
-        self.pooled_rows = math.ceil(self.pooled_dim / self.context_dim)
+        self.set_pooled(pipe.transformer.config.pooled_projection_dim, pipe.transformer.config.joint_attention_dim)
 
     def make_scheduler(self, config: dict):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -123,21 +122,6 @@ class FluxModel(Model):
                   return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
         return self.pipe.text_encoder(ids, output_hidden_states=False).pooler_output.to(self.dtype)
 
-    def pack(self, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        n = context.shape[0]
-        rows = torch.zeros(n, self.pooled_rows * self.context_dim, dtype=context.dtype, device=context.device)
-        rows[:, :self.pooled_dim] = pooled.to(context.device, context.dtype)
-        return torch.cat([context, rows.view(n, self.pooled_rows, self.context_dim)], dim=1)
-
-    def context(self, cond: torch.Tensor) -> torch.Tensor:
-        return cond[:, :-self.pooled_rows]
-
-    def pooled(self, cond: torch.Tensor) -> torch.Tensor:
-        return cond[:, -self.pooled_rows:].flatten(1)[:, :self.pooled_dim]
-
-    def extend_context(self, cond: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.to(cond.dtype).expand(cond.shape[0], -1, -1)
-        return torch.cat([self.context(cond), rows, cond[:, -self.pooled_rows:]], dim=1)
 
     # -- denoiser -----------------------------------------------------------------------------
     def cross_attention_layers(self) -> list[CrossAttentionLayer]:
@@ -186,9 +170,10 @@ class FluxModel(Model):
         noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.device, self.dtype)
 
-    def timesteps(self, steps: int) -> torch.Tensor:
+    def timesteps(self, steps: int, sequence: int | None = None) -> torch.Tensor:
+        """The stock schedule for steps, shifted for latents of sequence patches (default: the model's size)."""
         cfg = self.scheduler.config
-        seq = self._sequence or self.latent_shape[0]
+        seq = sequence or self.latent_shape[0]
         lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
         b_lo, b_hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
         mu = b_lo + (b_hi - b_lo) * (seq - lo) / (hi - lo)  # the stock pipeline's resolution shift
@@ -197,15 +182,9 @@ class FluxModel(Model):
         self.scheduler.set_begin_index(0)
         return self.scheduler.timesteps
 
-    _sequence = None  # the packed length of the latents being denoised (the resolution shift depends on it)
-
     def denoise(self, latents, emb, uncond, steps: int, guidance: float, start: int = 0, stop: int | None = None,
                 progress: bool = False) -> torch.Tensor:
-        self._sequence = latents.shape[1]
-        try:
-            timesteps = self.timesteps(steps)
-        finally:
-            self._sequence = None
+        timesteps = self.timesteps(steps, latents.shape[1])
         self.scheduler.set_begin_index(start)
         stop = len(timesteps) if stop is None else stop
         with torch.no_grad():

@@ -11,15 +11,14 @@ zeros, as the stock pipeline makes it when force_zeros_for_empty_prompt is set (
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import UserError
 from ..model import Model
+from .pooled import PooledRows
 
 
-class SDXLModel(Model):
+class SDXLModel(PooledRows, Model):
     family = "sdxl"
     text_components = ("text_encoder", "text_encoder_2")
 
@@ -29,9 +28,7 @@ class SDXLModel(Model):
             raise UserError(f"{source}: the two SDXL tokenizers have different vocabularies; erasekit needs "
                             "them to share one (as SDXL's do) so that one token sequence drives both encoders")
         super().__init__(pipe, source, name, sampler_defaults or {"steps": 50, "guidance": 5.0}, origin)
-        self.pooled_dim = int(pipe.text_encoder_2.config.projection_dim)
-        self.context_dim = int(pipe.unet.config.cross_attention_dim)
-        self.pooled_rows = math.ceil(self.pooled_dim / self.context_dim)
+        self.set_pooled(pipe.text_encoder_2.config.projection_dim, pipe.unet.config.cross_attention_dim)
 
     def identity(self) -> dict:
         return {**super().identity(), "text_encoder_2": type(self.pipe.text_encoder_2).__name__}
@@ -61,25 +58,11 @@ class SDXLModel(Model):
         after = torch.arange(ids.shape[1], device=ids.device)[None, :] > first_end[:, None]
         return torch.where(after, torch.full_like(ids, pad), ids)
 
-    def pack(self, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        n = context.shape[0]
-        rows = torch.zeros(n, self.pooled_rows * self.context_dim, dtype=context.dtype, device=context.device)
-        rows[:, :self.pooled_dim] = pooled.to(context.device)
-        return torch.cat([context, rows.view(n, self.pooled_rows, self.context_dim)], dim=1)
-
-    def context(self, cond: torch.Tensor) -> torch.Tensor:
-        return cond[:, :-self.pooled_rows]
-
-    def pooled(self, cond: torch.Tensor) -> torch.Tensor:
-        return cond[:, -self.pooled_rows:].flatten(1)[:, :self.pooled_dim]
-
-    def extend_context(self, cond: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.to(cond.dtype).expand(cond.shape[0], -1, -1)
-        return torch.cat([self.context(cond), rows, cond[:, -self.pooled_rows:]], dim=1)
 
     def unconditional(self, negative_prompt: str = "") -> torch.Tensor:
         if not negative_prompt and self.pipe.config.get("force_zeros_for_empty_prompt", True):
-            return torch.zeros_like(self.encode([""]).cond)
+            return torch.zeros(1, self.max_length + self.pooled_rows, self.context_dim, device=self.device,
+                               dtype=self.dtype)
         return super().unconditional(negative_prompt)
 
     # -- denoiser -----------------------------------------------------------------------------

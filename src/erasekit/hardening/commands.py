@@ -40,9 +40,7 @@ def add_parser(sub, model_arg, erase_args) -> None:
 def cmd_harden(args) -> None:
     from ..attacks import build_config, get
     from ..cli import erase_inputs, load_for_erasing
-    from ..evaluation.commands import judge_options
-    from ..evaluation.judges import get_judge
-    from ..evaluation.runner import Settings, require_suite_judge
+    from ..evaluation.commands import run_settings, suite_judge
     from ..evaluation.suites import load_suite
     from ..families import is_testbed
     from ..files import key_values
@@ -63,17 +61,8 @@ def cmd_harden(args) -> None:
     model = load_for_erasing(args, method, spec)
     concept = spec.targets[0].name
     suite = (load_suite(args.suite, concept=concept) if args.suite else training_suite(model, spec, args.prompts))
-    judge_name = args.judge or suite.judge
-    if not judge_name:
-        raise UserError(f"suite {suite.name} names no judge: pass --judge (testbed, nudenet, or module:attr)")
-    options = judge_options(args.judge_option)
-    if args.threshold is not None:
-        options["threshold"] = args.threshold
-    judge = get_judge(judge_name, **options)
-    suite = require_suite_judge(suite, judge)
-    overrides = {"steps": args.steps, "guidance": args.guidance}
-    settings = Settings.for_model(model, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
-                                  **{k: v for k, v in overrides.items() if v is not None})
+    suite, judge = suite_judge(args, suite)
+    settings = run_settings(args, model)
     delta, record = harden(model, method, spec, cfg, attack, attack_cfg, suite, judge, settings, run_dir,
                            args.rounds, resume=args.resume, overwrite=args.overwrite, batch=args.attack_batch)
     delta.save(args.out, overwrite=args.overwrite)
