@@ -142,7 +142,8 @@ def test_trce_stage1_maps_eot_rows_and_caches_its_prior(model, spec, tmp_path):
         trce.erase(model, spec)  # a real model has no default caption list
 
 
-FAST = {"steps": "2", "progress": "false", "sampler_steps": "3", "trajectory_steps": "4", "saliency_prompts": "2"}
+FAST = {"steps": "2", "progress": "false", "sampler_steps": "3", "trajectory_steps": "4", "saliency_prompts": "2",
+        "warmup_steps": "1", "attack_steps": "2"}
 
 
 def fast_values(method, extra: dict) -> dict:

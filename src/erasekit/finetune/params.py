@@ -8,28 +8,40 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import UserError
-from ..model import Model, guidance_batch
+from ..model import Model, guidance_batch, split_key
 
-# ESD's parameter sets and TRCE stage 2's, as regular expressions over the UNet's parameter names.
+# A pattern starting with TEXT chooses among the text encoders' parameters, named by delta key
+# ("text_encoder.<name>", "text_encoder_2.<name>"); every other pattern among the denoiser's bare names.
+TEXT = r"^text_encoder"
+# ESD's parameter sets and TRCE stage 2's, as regular expressions over the UNet's parameter names, and
+# AdvUnlearn's: its public code's text_encoder_full, every transformer layer's weights of the text encoder
+# (CLIP's encoder.layers.N., BERT's encoder.layer.N.), layer norms and token/position embeddings left out.
 PARAMETER_SETS = {
     "esd-x": (r"attn2\.",),
     "esd-x-strict": (r"attn2\.to_[kv]\.",),
     "esd-u": (r"^(?!.*attn2\.)",),
     "esd-all": (r".",),
     "trce": (r"attn1\.", r"attn2\.to_q\."),
+    "text-encoder": (TEXT + r"(_2)?\.(.*\.)?encoder\.layers?\.\d+\.(?!.*(layer_norm|LayerNorm))",),
 }
 
 
 def select(model: Model, patterns: tuple[str, ...] | str) -> dict[str, torch.nn.Parameter]:
-    """UNet parameters whose names match any pattern (a set name from PARAMETER_SETS or regexes)."""
+    """Parameters whose names match any pattern (a set name from PARAMETER_SETS or regexes): the denoiser's
+    by bare name, and the text encoders' by delta key for patterns that start with TEXT."""
     if isinstance(patterns, str):
         if patterns not in PARAMETER_SETS:
             raise UserError(f"unknown parameter set {patterns!r}: choose one of {', '.join(PARAMETER_SETS)}")
         patterns = PARAMETER_SETS[patterns]
-    compiled = [re.compile(p) for p in patterns]
-    chosen = {n: p for n, p in model.unet.named_parameters() if any(c.search(n) for c in compiled)}
+    denoiser = [re.compile(p) for p in patterns if not p.startswith(TEXT)]
+    text = [re.compile(p) for p in patterns if p.startswith(TEXT)]
+    chosen = {n: p for n, p in model.unet.named_parameters() if any(c.search(n) for c in denoiser)}
+    for component, module in model.components().items():
+        if component != "unet" and text:
+            chosen.update({f"{component}.{n}": p for n, p in module.named_parameters()
+                           if any(c.search(f"{component}.{n}") for c in text)})
     if not chosen:
-        raise UserError(f"no denoiser parameter matches {list(patterns)}: check the parameter names")
+        raise UserError(f"no parameter matches {list(patterns)}: check the parameter names")
     return chosen
 
 
@@ -63,7 +75,7 @@ class Frozen:
         call, e.g. the original K/V an earlier closed-form stage replaced."""
         self.model = model
         self.start = {k: v.detach().clone() for k, v in named.items()}
-        self.values = dict(self.start)
+        self.values = _denoiser_only(self.start)
         for k, v in (fixed or {}).items():
             self.values[k] = v.detach().to(model.device, model.dtype)
 
@@ -71,7 +83,7 @@ class Frozen:
         """Another teacher with the same starting values (shared, not copied) and fixed tensors on top."""
         other = Frozen.__new__(Frozen)
         other.model, other.start = self.model, self.start
-        other.values = {**self.start, **{k: v.detach().to(self.model.device, self.model.dtype)
+        other.values = {**_denoiser_only(self.start), **{k: v.detach().to(self.model.device, self.model.dtype)
                                          for k, v in fixed.items()}}
         return other
 
@@ -100,3 +112,9 @@ class Frozen:
         for t in timesteps[:to_step]:
             latents = m.scheduler.step(self.guided(latents, t, emb, guidance, uncond), t, latents).prev_sample
         return latents, timesteps[to_step]
+
+
+def _denoiser_only(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The denoiser's tensors of a name -> tensor map: a text encoder's starting values are the caller's to use
+    (it encodes the teacher's prompts before training), the denoiser call takes only its own."""
+    return {k: v for k, v in values.items() if split_key(k)[0] == "unet"}

@@ -33,16 +33,21 @@ class Method:
 # UCE trainscripts/uce_sd_erase.py --lamb, and --guided_concepts in its older train-scripts/train_erase.py and RECE.
 UCE_ALIASES = {"lamb": "lam", "guided_concepts": "anchor"}
 RECE_ALIASES = {"lamb": "lam", "regular_scale": "mu", "guided_concepts": "anchor"}  # RECE train.py
+# AdvUnlearn's train-scripts/AdvUnlearn.py argument names
+ADVUNLEARN_ALIASES = {"iterations": "steps", "warmup_iter": "warmup_steps", "adv_prompt_num": "prefix_tokens",
+                      "attack_step": "attack_steps", "adv_prompt_update_step": "attack_every",
+                      "retain_loss_w": "retain_weight", "negative_guidance": "eta", "start_guidance": "guidance",
+                      "ddim_steps": "sampler_steps"}
 SPEC_ALIASES = {"anchor"}  # alias targets that are spec settings, not config fields
 
 # The registry's names by kind, readable without importing the methods (and torch): `erase --help` lists them.
 CLOSED_FORM = ("uce", "rece", "erasepro", "trce-stage1")
-FINE_TUNING = ("esd", "trce-stage2", "co-erasing", "score")
+FINE_TUNING = ("esd", "trce-stage2", "co-erasing", "score", "advunlearn")
 COMPOSED = {"trce": "trce-stage1+trce-stage2"}  # named compositions
 
 
 def _registry() -> dict[str, Method]:
-    from ..finetune import coerasing, esd, score, trce2
+    from ..finetune import advunlearn, coerasing, esd, score, trce2
     from . import erasepro, rece, trce, uce
 
     methods = {m.name: m for m in (
@@ -65,6 +70,10 @@ def _registry() -> dict[str, Method]:
         Method("score", score.SCOREConfig, score.erase,
                "SCORE as we read it: saliency-masked ESD with a discriminator on clean estimates (fine-tuning)",
                score.TESTBED, fine_tuning=True),
+        Method("advunlearn", advunlearn.AdvUnlearnConfig, advunlearn.erase,
+               "AdvUnlearn: ESD on the text encoder against adversarial prefix tokens, with retention (fine-tuning)",
+               advunlearn.TESTBED, fine_tuning=True, aliases=ADVUNLEARN_ALIASES,
+               public_code="the public AdvUnlearn code"),
     )}
     methods["trce"] = _compose(methods, COMPOSED["trce"], name="trce",
                                summary="full TRCE: stage 1 (closed form) then stage 2 (fine-tuning)")
