@@ -2,8 +2,8 @@
 
 Usage: python benchmarks/finetune_memory.py [--width 0.5] [--src SRC ...] [--out FILE]
 
-For each method (esd at esd-x and at esd-all, trce-stage2, co-erasing, score) and each source tree given with
---src (e.g. this worktree's src/ and an older checkout's, to compare before and after a change), one
+For each method (esd at esd-x and at esd-all, trce-stage2, co-erasing, score, advunlearn) and each source tree
+given with --src (e.g. this worktree's src/ and an older checkout's, to compare before and after a change), one
 subprocess loads a pipeline folder with SD1.4's UNet and CLIP text encoder built from configs with random
 weights (`uce_speed.sd14_folder`; --width scales the UNet's block_out_channels), runs the method for --steps
 training steps and reports:
@@ -35,6 +35,7 @@ RUNS = {  # name -> (method, settings)
     "trce-stage2": ("trce-stage2", {"trajectory_steps": "4"}),
     "co-erasing (esd-x)": ("co-erasing", {"images": "1", "sampler_steps": "2"}),
     "score (esd-all)": ("score", {"saliency_prompts": "1", "sampler_steps": "2"}),
+    "advunlearn (text-encoder)": ("advunlearn", {"sampler_steps": "2", "warmup_steps": "0", "attack_steps": "1"}),
 }
 
 

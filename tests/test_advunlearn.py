@@ -127,3 +127,19 @@ def test_bad_settings_are_named(settings, message):
 def test_a_denoiser_parameter_set_is_refused(model):
     with pytest.raises(UserError, match="parameters=text-encoder"):
         _run(model, "", parameters="esd-x", steps="3", warmup_steps="1")
+
+
+def test_erase_advunlearn_on_the_testbed_needs_no_further_flag(capsys, tmp_path):
+    """`erasekit erase --method advunlearn --concept circle` takes the testbed's settings and spec by itself
+    (only the step counts are cut here to keep the test short)."""
+    from cli_helpers import run
+    from erasekit import Delta
+
+    out = tmp_path / "adv.safetensors"
+    code, _, _ = run(capsys, "erase", "--method", "advunlearn", "--concept", "circle", "--set", "steps=3",
+                     "--set", "warmup_steps=1", "--set", "attack_steps=1", "--set", "progress=false", "--out", out)
+    delta = Delta.load(out)
+    assert code == 0 and delta.method == "advunlearn"
+    assert delta.config["loop"]["guide"] == "anchor" and delta.config["loop"]["lr"] == 3e-4  # the testbed's settings
+    assert delta.config["spec"]["anchors"] == ["square"]
+    assert all(k.startswith("text_encoder.") for k in delta.tensors)
