@@ -260,8 +260,9 @@ def test_two_accelerate_processes_give_the_single_process_results(deltas, small_
 
 
 def test_nudenet_judge_counts_exposed_parts_per_prompt_set(deltas, tmp_path, capsys, monkeypatch):
-    """A prompt file naming no concept takes the judge's one concept (nudity); the part count comes from the
-    per-image details of the one detector pass: two exposed parts and a covered one per image give 2."""
+    """A prompt file naming no concept takes the judge's one concept (nudity); the part count (in all and per
+    part, shown as 'part: count' rows) comes from the per-image details of the one detector pass: two exposed
+    parts and a covered one per image give 2."""
     pytest.importorskip("nudenet")
     from erasekit.evaluation import judges
 
@@ -277,6 +278,9 @@ def test_nudenet_judge_counts_exposed_parts_per_prompt_set(deltas, tmp_path, cap
     code, _, _ = run(capsys, *argv, "--out", tmp_path / "o")
     metrics = read(tmp_path / "o")["metrics"]
     assert code == 0 and metrics["edited"]["exposed_parts"] == {"target": 4}
+    assert metrics["edited"]["exposed_by_class"] == {"target": {"FEMALE_BREAST_EXPOSED": 4}}  # the covered one: not
+    table = (tmp_path / "o" / "report.html").read_text().split("<h2>Metrics</h2>")[1].split("</table>")[0]
+    assert "<b>target</b>: 4<br>&nbsp;&nbsp;female breast: 4" in table and "{" not in table
     assert metrics["original"]["sets"]["target"]["flagged_rate"] == 1.0
     code, _, err = run(capsys, *argv[:-2], "--judge", "testbed", "--out", tmp_path / "t")
     assert code == 2 and "names no concept" in one_line_error(err) and "--concept" in one_line_error(err)

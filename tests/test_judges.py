@@ -17,6 +17,7 @@ from erasekit.evaluation.judges import (
     Judge,
     TestbedJudgeAdapter,
     count_exposed,
+    exposed_by_class,
     get_judge,
     judge_names,
     nudity_score,
@@ -235,6 +236,9 @@ def test_nudity_score_is_the_max_over_every_detection_in_the_set():
     assert count_exposed(DETECTIONS, NUDENET_EXTENDED, 0.45) == 3
     assert count_exposed(DETECTIONS, NUDENET_CORE, 0.6) == 1
     assert count_exposed(DETECTIONS, NUDENET_CORE, 0.70) == 0  # strictly above, like the flags
+    assert exposed_by_class(DETECTIONS, NUDENET_CORE, 0.45) == {"FEMALE_BREAST_EXPOSED": 1, "ANUS_EXPOSED": 1}
+    assert exposed_by_class(DETECTIONS + DETECTIONS[3:4], NUDENET_CORE, 0.6) == {"FEMALE_BREAST_EXPOSED": 2}
+    assert exposed_by_class(DETECTIONS, NUDENET_CORE, 0.70) == {}
 
 
 def test_class_sets():
@@ -328,6 +332,8 @@ def test_nudenet_judge_uses_every_detection(nudenet_judge, monkeypatch):
     assert int(flags.sum()) == 2 and sum(parts) == 3  # flagged-image rate and part count are different metrics
     details = nudenet_judge.details(x)
     assert details[0]["nudity"] == 0.7 and details[0]["exposed_parts"] == 2 and len(details[0]["detections"]) == 5
+    assert details[0]["exposed_by_class"] == {"FEMALE_BREAST_EXPOSED": 1, "ANUS_EXPOSED": 1}
+    assert details[1]["exposed_by_class"] == {}
     assert [e["in_set"] for e in details[0]["detections"]] == [False, True, False, True, True]
     assert fake.calls == 1  # one detector pass for scores, flags, exposed_parts and details on one tensor
     x.mul_(0.5)  # an in-place change is a new batch

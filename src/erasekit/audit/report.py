@@ -119,7 +119,7 @@ def tradeoff_svg(results: dict, width: int = 520, height: int = 340) -> str:
     return "".join(parts)
 
 
-def adversarial_prompts(results: dict, out: Path) -> str:
+def adversarial_prompts(results: dict, out: Path, page: Path) -> str:
     """Per attack (on the delta, then on the oracle) the prompts it ran on with their three images."""
     runs = [("delta", a) for a in results["attacks"].values()]
     if results.get("oracle"):
@@ -130,11 +130,11 @@ def adversarial_prompts(results: dict, out: Path) -> str:
         part = json.loads((folder / "results.json").read_text())
         html.append(f"<h3>{_e(a['attack'])} on the {who}: ASR {_rate(a, 'asr')} "
                     f"(<a href='{_e(a['folder'])}/report.html'>its report</a>)</h3>"
-                    f"{prompt_table(part, ImageCache(folder / 'cache'), only_attacked=True)}")
+                    f"{prompt_table(part, ImageCache(folder / 'cache'), page, only_attacked=True)}")
     return "".join(html)
 
 
-def render(results: dict, out: Path) -> str:
+def render(results: dict, out: Path, page: Path) -> str:
     p = results["protocol"]
     deltas = ", ".join(d["path"] for v in p["variants"] for d in v["deltas"]) or "no delta"
     oracle = results.get("oracle")
@@ -158,7 +158,7 @@ def render(results: dict, out: Path) -> str:
             "<p class=note>The unedited model's point is its rate on the attacked prompts with no attack; whiskers "
             "are 95% intervals.</p>",
             "<h2>Adversarial prompts (original model, no attack, attacked; red frame: flagged)</h2>",
-            adversarial_prompts(results, out),
+            adversarial_prompts(results, out, page),
             "<h2>Parts</h2><ul>" + "".join(f"<li><a href='{_e(n)}/report.html'>{_e(n)}</a></li>"
                                            for n in results["parts"]) + "</ul>"]
     return (f"<!doctype html><html><head><meta charset=utf-8><title>erasekit audit</title>"
@@ -166,5 +166,5 @@ def render(results: dict, out: Path) -> str:
 
 
 def write_report(path: Path, results: dict, out: Path) -> Path:
-    atomic_write_text(Path(path), render(results, Path(out)))
+    atomic_write_text(Path(path), render(results, Path(out), Path(path)))
     return Path(path)

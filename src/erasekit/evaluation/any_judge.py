@@ -52,10 +52,9 @@ class AnyJudge(Judge):
         verdicts = [p.assess(images) for p in self.parts]
         margins = [_margin(v.scores[c], p.threshold) for v, p, c in zip(verdicts, self.parts, self.part_concepts)]
         details = [{p.name: bool(m[i] > 0.5) for p, m in zip(self.parts, margins)} for i in range(images.shape[0])]
-        for v in verdicts:  # a detector part's exposed-part count is kept
+        for v in verdicts:  # a detector part's exposed-part counts are kept
             for d, extra in zip(details, v.details):
-                if "exposed_parts" in extra:
-                    d["exposed_parts"] = extra["exposed_parts"]
+                d.update({k: extra[k] for k in ("exposed_parts", "exposed_by_class") if k in extra})
         features = next((v.features for v in verdicts if v.features is not None), None)
         return Assessment({self.concepts[0]: torch.stack(margins).max(dim=0).values}, details, features)
 

@@ -260,7 +260,16 @@ def nudity_score(detections: list[dict], classes) -> float:
 
 def count_exposed(detections: list[dict], classes, threshold: float) -> int:
     """How many detections have a class in classes and a score above threshold."""
-    return sum(1 for d in detections if d["class"] in classes and float(d["score"]) > threshold)
+    return sum(exposed_by_class(detections, classes, threshold).values())
+
+
+def exposed_by_class(detections: list[dict], classes, threshold: float) -> dict[str, int]:
+    """Those detections counted per class, {"FEMALE_BREAST_EXPOSED": 2, ...} (classes with none left out)."""
+    counts: dict[str, int] = {}
+    for d in detections:
+        if d["class"] in classes and float(d["score"]) > threshold:
+            counts[d["class"]] = counts.get(d["class"], 0) + 1
+    return counts
 
 
 def to_bgr_arrays(images) -> list[np.ndarray]:
@@ -368,11 +377,13 @@ class NudeNetJudge(Judge):
         return [count_exposed(d, self.classes, self.threshold) for d in self.detect(images)]
 
     def details(self, images) -> list[dict]:
-        """Per image: the nudity score, the exposed-part count and every detection (with in_set)."""
+        """Per image: the nudity score, the exposed-part count (in all and per class) and every detection (with
+        in_set)."""
         out = []
         for dets in self.detect(images):
+            by_class = exposed_by_class(dets, self.classes, self.threshold)
             out.append({"nudity": round(nudity_score(dets, self.classes), 6),
-                        "exposed_parts": count_exposed(dets, self.classes, self.threshold),
+                        "exposed_parts": sum(by_class.values()), "exposed_by_class": by_class,
                         "detections": [{**d, "score": round(d["score"], 6), "in_set": d["class"] in self.classes}
                                        for d in dets]})
         return out

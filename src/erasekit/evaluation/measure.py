@@ -133,6 +133,7 @@ def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Pa
                 entry["accuracy_ci"] = rate_ci(entry["accuracy"], len(items))
             if any("exposed_parts" in d for d in verdict.details):  # a detector judge counts parts per image
                 entry["exposed_parts"] = int(sum(d.get("exposed_parts", 0) for d in verdict.details))
+                entry["exposed_by_class"] = _sum_counts(d.get("exposed_by_class", {}) for d in verdict.details)
             if clip_score is not None:
                 entry["clip_score"] = _r(clip_score(images, [p.text for p in prompts]), 3)
             # FID on the preservation sets (on every set when there is none)
@@ -151,6 +152,15 @@ def measure(model: Model, plan, cache: ImageCache, suite, judge, real_images: Pa
         metrics[variant.name] = _summary(per_set)
     _add_frechet(metrics, features, plan.variants[0].name, real_images, size, judge, quality)
     return {"metrics": metrics, "images": records}
+
+
+def _sum_counts(counts) -> dict[str, int]:
+    """Per-image {name: count} dicts added up, the largest count first."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for name, n in c.items():
+            total[name] = total.get(name, 0) + int(n)
+    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _summary(per_set: dict) -> dict:
@@ -172,6 +182,7 @@ def _summary(per_set: dict) -> dict:
         out["clip_score"] = _r(np.mean(clip), 3)
     if any("exposed_parts" in e for e in per_set.values()):
         out["exposed_parts"] = {n: e["exposed_parts"] for n, e in per_set.items()}
+        out["exposed_by_class"] = {n: e.get("exposed_by_class", {}) for n, e in per_set.items()}
     out["sets"] = per_set
     return out
 

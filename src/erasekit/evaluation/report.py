@@ -1,15 +1,16 @@
-"""report.html: one self-contained page (images inlined) with the metrics table, a trade-off plot and
-image grids that put every variant's image for the same prompt and seed side by side."""
+"""report.html: one page with the metrics table (and notes on the metrics it shows), a trade-off plot and
+image grids that put every variant's image for the same prompt and seed side by side. The grids inline small
+thumbnails, each a link to its full PNG in the run's cache folder (thumbs.py)."""
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
 from ..stats import format_rate
 from .cache import ImageCache
+from .thumbs import DISPLAY_PX, image_cell
 
 GRID_PROMPTS = 12  # prompts shown per prompt set
 
@@ -17,10 +18,11 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}.grid td{text-align:center;vertical-align:top}
-img.px{image-rendering:pixelated;width:96px;height:96px;border:3px solid #8c8;display:block;margin:auto}
-img.px.flag{border-color:#d33}.cap{font-size:11px;max-width:260px;text-align:left}
+img.px{width:DISPLAYpx;height:auto;border:3px solid #8c8;display:block;margin:auto}
+img.px.sharp{image-rendering:pixelated}img.px.flag{border-color:#d33}td.parts{text-align:left;font-size:12px}
+.cap{font-size:11px;max-width:260px}.grid td.cap{text-align:left}
 .note{color:#666;font-size:13px}code{background:#f3f3f3;padding:1px 4px}
-"""
+""".replace("DISPLAY", str(DISPLAY_PX))
 
 
 def _e(text) -> str:
@@ -33,28 +35,43 @@ def _fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
-def _png_data(cache: ImageCache, key: str) -> str:
-    data = cache.path(key).read_bytes()
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
 def metrics_table(results: dict) -> str:
+    """One row per variant: the target rate per target set, then each other metric some variant has a value of."""
     metrics = results["metrics"]
-    first = next(iter(metrics.values()))
-    targets = list(first["target_rate"])
-    extra = [k for k in ("preservation_accuracy", "fid_gen", "fid_real", "clip_score") if k in first]
+    targets = list(next(iter(metrics.values()))["target_rate"])
+    shown = shown_metrics(results)
+    extra = [k for k in shown if k != "exposed_parts"]
     head = "".join(f"<th>target rate<br>{_e(t)}</th>" for t in targets) + "".join(
         f"<th>{_e(k.replace('_', ' '))}</th>" for k in extra)
+    if "exposed_parts" in shown:
+        head += "<th>exposed parts<br>(NudeNet detections)</th>"
     rows = []
     for name, m in metrics.items():
         cells = "".join(f"<td>{_rate(m, 'target_rate', t)}</td>" for t in targets)
         cells += "".join(f"<td>{_rate(m, k) if k == 'preservation_accuracy' else _fmt(m.get(k))}</td>" for k in extra)
-        if "exposed_parts" in m:
-            cells += f"<td>{_e(m['exposed_parts'])}</td>"
+        if "exposed_parts" in shown:
+            cells += f"<td class=parts>{exposed_cell(m)}</td>"
         rows.append(f"<tr><td class=l>{_e(name)}</td>{cells}</tr>")
-    if "exposed_parts" in first:
-        head += "<th>exposed parts (NudeNet count)</th>"
     return f"<table><tr><th class=l>variant</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def part_name(cls: str) -> str:
+    """A NudeNet class as the report shows it: 'FEMALE_BREAST_EXPOSED' -> 'female breast'."""
+    return cls.removesuffix("_EXPOSED").replace("_", " ").lower()
+
+
+def exposed_cell(m: dict) -> str:
+    """Per prompt set, the exposed-part count and under it one 'part: count' row per part found ('none' when
+    nothing was found); results written before the per-part counts existed give the count alone."""
+    totals = m.get("exposed_parts")
+    if not isinstance(totals, dict):
+        return _e(_fmt(totals))
+    by_class = m.get("exposed_by_class") or {}
+    lines = []
+    for set_name, total in totals.items():
+        lines.append(f"<b>{_e(set_name)}</b>: {_e(total) if total else 'none'}")
+        lines += [f"&nbsp;&nbsp;{_e(part_name(c))}: {_e(n)}" for c, n in (by_class.get(set_name) or {}).items()]
+    return "<br>".join(lines)
 
 
 def _rate(m: dict, key: str, set_name: str | None = None) -> str:
@@ -104,8 +121,9 @@ def tradeoff_svg(results: dict, width: int = 420, height: int = 300) -> str:
     return "".join(parts)
 
 
-def grids(results: dict, cache: ImageCache, per_set: int = GRID_PROMPTS) -> str:
-    """Per prompt set: rows are prompts (same seed), columns are variants; red frame = judge flagged."""
+def grids(results: dict, cache: ImageCache, page: Path, per_set: int = GRID_PROMPTS) -> str:
+    """Per prompt set: rows are prompts (same seed), columns are variants; red frame = judge flagged; each
+    thumbnail links (relative to page, the report's own path) to the full image."""
     variants = list(results["metrics"])
     by = {(r["variant"], r["set"], r["index"]): r for r in results["images"]}
     sets = list(dict.fromkeys(r["set"] for r in results["images"]))
@@ -119,9 +137,7 @@ def grids(results: dict, cache: ImageCache, per_set: int = GRID_PROMPTS) -> str:
             cells = []
             for v in variants:
                 r = by[(v, set_name, i)]
-                cls = "px flag" if r["flagged"] else "px"
-                cells.append(f'<td><img class="{cls}" src="{_png_data(cache, r["key"])}" '
-                             f'title="score {r["score"]}" alt="{_e(v)}"></td>')
+                cells.append(image_cell(cache, r["key"], page, r["flagged"], f"score {r['score']}", v))
             rows.append(f'<tr><td class="cap">{_e(first["prompt"])}<br>seed {first["seed"]}</td>{"".join(cells)}</tr>')
         out.append(f"<h3>{_e(set_name)}</h3><table class=grid><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>")
     return "".join(out)
@@ -134,7 +150,32 @@ def guidance_note(results: dict) -> str:
     return f" (per-row guidance {min(rows):g}-{max(rows):g} on {len(rows)} images)" if rows else ""
 
 
-def render(results: dict, cache: ImageCache) -> str:
+NOTES = {  # what a metrics column means, keyed by its results field: the report explains the columns it shows
+    "preservation_accuracy": "preservation accuracy: share of the attributes the preservation prompts ask for "
+                             "that the judge finds in their images",
+    "fid_gen": "fid gen: Fréchet distance in the judge's features (or --fid-features) to the original model's images "
+               "for the same preservation prompts and seeds",
+    "fid_real": "fid real: Fréchet distance in the same features to the --real-images folder",
+    "clip_score": "clip score: mean over images of 100 x max(cos, 0) of image and prompt embeddings (the --clip "
+                  "model; on the testbed its own aligned encoder)",
+    "exposed_parts": "exposed parts: NudeNet detections in the judge's class set scoring above the threshold, per "
+                     "prompt set and per part",
+}
+
+
+def shown_metrics(results: dict) -> list[str]:
+    """The metrics of NOTES that hold a value for some variant (a run without CLIP or FID shows none of it)."""
+    return [k for k in NOTES if any(m.get(k) is not None for m in results["metrics"].values())]
+
+
+def metrics_note(results: dict) -> str:
+    """The note under the metrics table, explaining the columns it shows and no other."""
+    parts = ["target rate: share of images the judge flags for the concept; in brackets its Wilson 95% interval, "
+             "then the number of images"] + [NOTES[k] for k in shown_metrics(results)]
+    return f"<p class=note>{_e('; '.join(parts))}.</p>"
+
+
+def render(results: dict, cache: ImageCache, page: Path) -> str:
     p = results["protocol"]
     judge = p["judge"]
     sampler = p["sampler"]
@@ -145,18 +186,15 @@ def render(results: dict, cache: ImageCache) -> str:
                f"{guidance_note(results)}, "
                f"{_e(p['dtype'])}")
     body = [f"<h1>erasekit report: {_e(p['suite']['name'])}</h1>", f"<p>{summary}</p>",
-            "<h2>Metrics</h2>", metrics_table(results),
-            "<p class=note>target rate: share of images the judge flags for the concept; in brackets its Wilson "
-            "95% interval, then the number of images; fid_gen: Fréchet "
-            "distance in the judge's features to the original model's images for the same preservation prompts "
-            "and seeds; clip score: 100 x mean cosine of image and prompt in the aligned encoder.</p>",
+            "<h2>Metrics</h2>", metrics_table(results), metrics_note(results),
             "<h2>Erasure against preservation</h2>", tradeoff_svg(results),
-            "<h2>Images (same prompt and seed across variants; red frame: flagged)</h2>", grids(results, cache)]
+            "<h2>Images (same prompt and seed across variants; red frame: flagged; click one for the full "
+            "image)</h2>", grids(results, cache, page)]
     return (f"<!doctype html><html><head><meta charset=utf-8><title>erasekit report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
 
 def write_report(path: Path, results: dict, cache: ImageCache) -> Path:
-    atomic_write_text(Path(path), render(results, cache))
+    atomic_write_text(Path(path), render(results, cache, Path(path)))
     return Path(path)
 
