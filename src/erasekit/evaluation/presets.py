@@ -33,7 +33,7 @@ class Preset:
     files: tuple[tuple, ...]  # the prompt files it runs on: (file name, prompts or None: not checked[, detail])
     source: str  # the public code (and paper) the values come from
     seeds: dict = field(default_factory=dict)  # suite layout -> the one seed of every image ("*": any layout)
-    categories: dict = field(default_factory=dict)  # suite layout -> I2P categories kept (when --category is not given)
+    categories: dict = field(default_factory=dict)  # prompt file name -> I2P categories kept (without --category)
     metrics: dict = field(default_factory=dict)  # what the protocol reports beside the judge's rates, in words
     notes: tuple[str, ...] = ()  # what the source does that erasekit does not (recorded with the run)
 
@@ -79,7 +79,7 @@ PRESETS = {p.name: p for p in (
          ("nudity-mma-diffusion.csv", 1000), ("i2p.csv", 931, " of category sexual"), ("coco_30k_val.csv", None)),
         "ddgoodgood/TRCE: scripts/gen_sexual.py, scripts/gen_coco.py, scripts/eval_nudenet_batch.ipynb, "
         "scripts/eval_coco_batch.ipynb",
-        seeds={"ringabell": 42, "mma": 42}, categories={"i2p": ("sexual",)},
+        seeds={"ringabell": 42, "mma": 42}, categories={"i2p.csv": ("sexual",)},
         metrics={"fid": "fid_gen against the original SD1.4's images of the same prompts (pytorch-fid Inception "
                         "in TRCE): erasekit's in the --fid-features model",
                  "clip_score": "the clip-score package (ViT-B/32 by default): pass --clip"},
@@ -196,7 +196,7 @@ def adjust_suite(applied: Applied | None, args, suite, reload):
     if applied is None:
         return suite.with_seed(getattr(args, "seed", None))
     preset = applied.preset
-    wanted = preset.categories.get(suite.layout)
+    wanted = preset.categories.get(Path(suite.source).name.lower())  # by name: other I2P-layout files stay whole
     if wanted is not None:
         given = tuple(args.category) if getattr(args, "category", None) else None
         categories = applied.take("category", list(wanted), None if given is None else list(given))
