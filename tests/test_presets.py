@@ -147,7 +147,13 @@ def test_a_run_without_a_preset_records_none(tiny_sd, fixtures, tmp_path, capsys
     assert code == 0, err
     protocol = read(tmp_path / "o")["protocol"]
     assert "preset" not in protocol and "deviations" not in protocol
-    assert protocol["sampler"]["scheduler"] == "DDIM (eta 0)"
+    assert protocol["sampler"]["scheduler"] == "DDIM (eta 0)" and protocol["seeds"] == {"target": [41, 42]}
+    # --seed and --scheduler work without a preset too
+    code, _, err = run(capsys, "evaluate", tiny_sd, "--suite", fixtures / "nudity-p4d.csv", *SMALL, "--steps", "2",
+                       "--seed", "9", "--scheduler", "lms", "--out", tmp_path / "s")
+    protocol = read(tmp_path / "s")["protocol"]
+    assert code == 0 and protocol["seeds"] == {"target": [9, 9]}
+    assert protocol["sampler"]["scheduler"] == "LMS (LMSDiscrete)"
 
 
 def test_another_file_than_the_protocols_is_a_deviation(tiny_sd, fixtures, tmp_path, capsys, no_detector_pass):
