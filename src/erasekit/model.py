@@ -3,9 +3,9 @@
 Methods, attacks and evaluation talk to a Model, never to a specific architecture: it encodes
 prompts (with token positions taken from token ids) into the denoiser's conditioning, lists the
 cross-attention K/V projections a closed-form edit may change, predicts epsilon, x0 and v in one
-convention whatever the model was trained to predict, and samples or rolls out with batched DDIM
-and classifier-free guidance. Other families (erasekit.families: SDXL; the testbed in
-erasekit.testbed.adapter) subclass it and override what differs; none of this module knows them.
+convention whatever the model was trained to predict, and samples or rolls out with batched DDIM (or
+another sampler erasekit.samplers names) and classifier-free guidance. Other families (erasekit.families:
+SDXL; the testbed in erasekit.testbed.adapter) subclass it and override what differs; none of this module knows them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import samplers
 from .errors import UserError
 
 
@@ -89,18 +90,24 @@ class Model:
         self.name = name
         self.origin = dict(origin or {})
         self.sampler_defaults = dict(sampler_defaults or {"steps": 50, "guidance": 7.5})
+        self.sampler = samplers.DEFAULT  # the name of the sampler self.scheduler is (use_sampler changes it)
         self.scheduler = self.make_scheduler(dict(pipe.scheduler.config))
         if not self.cross_attention_layers():
             raise UserError(f"the denoiser of {source} has no cross-attention (attn2.to_k/to_v) layers: "
                             "erasekit needs a text-conditioned UNet with cross-attention")
 
     def make_scheduler(self, config: dict):
-        """The sampler every command uses, from the folder's scheduler config: DDIM (eta 0). Latents are never
-        clipped unless the config asks: DDIM's own default (clip_sample=True) would clip SD latents and x0
-        predictions to [-1, 1]."""
-        from diffusers import DDIMScheduler
+        """The sampler every command uses unless told otherwise, from the folder's scheduler config: DDIM
+        (eta 0). Latents are never clipped unless the config asks: DDIM's own default (clip_sample=True) would
+        clip SD latents and x0 predictions to [-1, 1]."""
+        return samplers.build(samplers.DEFAULT, config)
 
-        return DDIMScheduler.from_config(config, clip_sample=bool(config.get("clip_sample", False)))
+    def use_sampler(self, name: str) -> None:
+        """Sample with the named sampler (erasekit.samplers: ddim, pndm, lms, dpm) from now on, built from the
+        folder's scheduler config; one the model's prediction type cannot use is refused in one line."""
+        if name != self.sampler:
+            self.scheduler = samplers.build(name, dict(self.pipe.scheduler.config))
+            self.sampler = name
 
     def require(self, feature: str) -> None:
         """Refuse in one line what this family cannot run yet ("fine-tuning", "token attacks"); SD runs all."""
@@ -363,11 +370,12 @@ class Model:
     @torch.no_grad()
     def denoise(self, latents, emb, uncond, steps: int, guidance: float, start: int = 0, stop: int | None = None,
                 progress: bool = False) -> torch.Tensor:
-        """Run DDIM (eta 0) steps [start, stop) of a steps-long schedule from latents."""
+        """Run the sampler's steps [start, stop) of a steps-long schedule from latents (the model sees its input
+        as the sampler scales it: unchanged for DDIM, PNDM and DPM-Solver, divided by sqrt(sigma^2 + 1) for LMS)."""
         timesteps = self.timesteps(steps)
         stop = len(timesteps) if stop is None else stop
         for t in tqdm(timesteps[start:stop], desc="denoising", disable=not progress, leave=False):
-            out = self.guided(latents, t, emb, guidance, uncond)
+            out = self.guided(self.scheduler.scale_model_input(latents, t), t, emb, guidance, uncond)
             latents = self.scheduler.step(out, t, latents).prev_sample
         return latents
 
@@ -396,6 +404,7 @@ class Model:
         guidance = self.sampler_defaults["guidance"] if guidance is None else guidance
         batches = self._batches(prompts, seeds, batch_size)
         uncond = self.unconditional(negative_prompt)
+        self.timesteps(steps)  # the initial noise's scale is the schedule's first sigma (LMS; 1 for the others)
         results = []
         for chunk, chunk_seeds in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2):
             latents = self.denoise(self.initial_noise(chunk_seeds, size), self.encode(chunk).cond, uncond,
@@ -413,6 +422,7 @@ class Model:
         if not 0 <= to_step < steps:
             raise UserError(f"to_step {to_step} is outside the {steps}-step schedule: use 0..{steps - 1}")
         uncond = self.unconditional()
+        self.timesteps(steps)
         latents = [self.denoise(self.initial_noise(s, size), self.encode(p).cond, uncond, steps, guidance,
                                 stop=to_step)
                    for p, s in self._batches(prompts, seeds, batch_size)]

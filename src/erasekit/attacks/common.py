@@ -71,6 +71,7 @@ class AttackContext:
                               batch_size=s.batch_size, progress=False, size=s.size)
             return quantize(images)
         uncond = m.unconditional(s.negative_prompt)
+        m.timesteps(s.steps)  # the initial noise's scale is the schedule's first sigma
         latents = m.denoise(m.initial_noise(seeds, s.size), embeddings.to(m.device, m.dtype), uncond, s.steps, guidance)
         return quantize(m.decode(latents))
 

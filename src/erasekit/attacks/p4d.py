@@ -57,17 +57,19 @@ def slot_layout(content: list[int], cfg: P4DConfig) -> list[int | None]:
 @torch.no_grad()
 def original_trajectories(ctx: AttackContext, prompts: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t (S, B, ...), t (S,), the original model's conditional output (S, B, ...)) at every step of its
-    own guided DDIM trajectory for each prompt, all prompts denoised as one batch."""
+    own guided trajectory (the run's sampler) for each prompt, all prompts denoised as one batch."""
     m, s = ctx.original, ctx.settings
     emb = m.encode([p.text for p in prompts]).cond
     uncond = m.unconditional(s.negative_prompt)
+    timesteps = m.timesteps(s.steps)  # before the noise: its scale is the schedule's first sigma
     latents = m.initial_noise([p.seed for p in prompts], s.size)
     xs, ts, outs = [], [], []
-    for t in m.timesteps(s.steps):
-        xs.append(latents.clone())
+    for t in timesteps:
+        x_in = m.scheduler.scale_model_input(latents, t)  # the input the denoiser sees (LMS scales it)
+        xs.append(x_in.clone())
         ts.append(t.reshape(1))
-        outs.append(m.raw(latents, t, emb).float())
-        latents = m.scheduler.step(m.guided(latents, t, emb, s.guidance, uncond), t, latents).prev_sample
+        outs.append(m.raw(x_in, t, emb).float())
+        latents = m.scheduler.step(m.guided(x_in, t, emb, s.guidance, uncond), t, latents).prev_sample
     return torch.stack(xs), torch.cat(ts), torch.stack(outs)
 
 

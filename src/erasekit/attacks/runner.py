@@ -65,15 +65,15 @@ def run_attack(ctx: AttackContext, attack, cfg, suite, set_name: str | None, out
     if not isinstance(batch, int) or batch < 1:
         raise UserError(f"the attack batch must be a whole number >= 1, not {batch!r}: give e.g. 16")
     model, settings = ctx.model, ctx.settings
+    model.use_sampler(settings.sampler)
+    if ctx.reference is not None:
+        ctx.reference.use_sampler(settings.sampler)
     pset = target_set(suite, set_name)
     model_hash = weights_hash(model)
     protocol = {"model": {**model.identity(), "weights_hash": model_hash}, "erased": ctx.erased.record(),
                 "attack": attack.name, "config": asdict(cfg), "suite": suite.record(), "set": pset.name,
-                "sampler": {"scheduler": "DDIM (eta 0)", "steps": settings.steps, "guidance": settings.guidance,
-                            "negative_prompt": settings.negative_prompt, "height": settings.height,
-                            "width": settings.width},
-                "dtype": settings.dtype, "judge": ctx.judge.record(), "concepts": list(ctx.concepts),
-                "packages": package_versions()}
+                "sampler": settings.sampler_record(), "dtype": settings.dtype, **settings.extra_record(),
+                "judge": ctx.judge.record(), "concepts": list(ctx.concepts), "packages": package_versions()}
     original_hash = model_hash
     if ctx.reference is not None:  # recorded only then, so other runs' protocols (and folders) are unchanged
         original_hash = weights_hash(ctx.reference)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .. import arguments as types
+from .. import samplers
 from ..errors import UserError
+from . import presets
 
 # the paths evaluate and compare read and write, checked before any work (cli.preflight)
 RUN_PATHS = {"inputs": [("delta", "delta"), ("real_images", "folder"), ("clip", "folder"),
@@ -15,8 +18,9 @@ RUN_PATHS = {"inputs": [("delta", "delta"), ("real_images", "folder"), ("clip", 
 
 def add_run_args(p, samples: int = 64) -> None:
     """The arguments every suite-running command shares (evaluate, compare, attack)."""
-    p.add_argument("--suite", required=True,
-                   help="testbed:CONCEPT (e.g. testbed:star, testbed:red+striped) or a prompt CSV/TXT file")
+    p.add_argument("--suite", help="testbed:CONCEPT (e.g. testbed:star, testbed:red+striped) or a prompt CSV/TXT "
+                   "file (required; with --protocol, the protocol's prompt file)")
+    p.add_argument("--protocol", type=presets.check_name, metavar="NAME", help=presets.help_text())
     p.add_argument("--out", required=True, help="output folder: results.json, report.html and the image cache")
     p.add_argument("--limit", type=types.count, help="take the first K prompts of each prompt set")
     p.add_argument("--samples", type=types.count, default=samples,
@@ -35,6 +39,13 @@ def add_run_args(p, samples: int = 64) -> None:
                    "anchor=... or template=... for clip:; whole numbers and decimals are read as numbers")
     p.add_argument("--steps", type=types.count, help="sampler steps (default: the model's)")
     p.add_argument("--guidance", type=types.finite, help="guidance scale when a prompt has none (default: the model's)")
+    p.add_argument("--scheduler", type=samplers.check_name, metavar="NAME",
+                   help=f"the sampler: {samplers.names()} (default ddim, eta 0), built from the model folder's "
+                   "scheduler config")
+    p.add_argument("--dtype", type=presets.check_dtype, metavar="NAME",
+                   help=f"{', '.join(presets.DTYPES)} (default fp32); the CPU always runs fp32 and records the request")
+    p.add_argument("--seed", type=types.seed, help="one seed for every prompt's image (default: each prompt's own, "
+                   "from its file's evaluation_seed column, else its row number)")
     types.add_size_args(p)
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image (default none)")
     p.add_argument("--batch-size", type=types.count, default=32)
@@ -65,31 +76,53 @@ def add_parsers(sub, model_arg) -> None:
     p.set_defaults(func=cmd_evaluate, stacked=False, **RUN_PATHS)
 
 
-def load_for_run(source: str, allow_pickle: bool = False, offline: bool = False):
-    """The model on this process's device (accelerate's when launched with several processes)."""
-    from ..families import load
+def run_device():
+    """This process's device: accelerate's when launched with several processes, else CUDA when present."""
+    from ..families import _device
     from .runner import distributed_state
 
     state = distributed_state()
-    return load(source, device=state.device if state is not None else None, allow_pickle=allow_pickle,
+    return _device(state.device if state is not None else None)
+
+
+def load_for_run(source: str, allow_pickle: bool = False, offline: bool = False, dtype=None):
+    """The model on this process's device (accelerate's when launched with several processes)."""
+    import torch
+
+    from ..families import load
+
+    return load(source, device=run_device(), dtype=dtype or torch.float32, allow_pickle=allow_pickle,
                 offline=offline)
 
 
 def build_run(args):
-    """(model, variants, suite, judge, settings) from parsed arguments; every check before any work."""
+    """(model, variants, suite, judge, settings) from parsed arguments; every check before any work. A
+    --protocol preset fills the settings the user left unset first (evaluation.presets)."""
     from .runner import load_variants
     from .suites import load_suite
 
-    suite = load_suite(args.suite, samples=args.samples, concept=args.concept,
-                       categories=getattr(args, "category", None) or ()).limit(args.limit)
+    presets.require_suite(args)
+    applied = presets.apply(args)
+
+    def read(categories):
+        return load_suite(args.suite, samples=args.samples, concept=args.concept,
+                          categories=categories).limit(args.limit)
+
+    suite = presets.adjust_suite(applied, args, read(getattr(args, "category", None) or ()), read)
     suite, judge = suite_judge(args, suite)
+    deviations = [] if applied is None else applied.deviations
+    dtype = presets.run_dtype(getattr(args, "dtype", None), run_device(), deviations)
     model = load_for_run(args.model, allow_pickle=getattr(args, "allow_pickle_weights", False),
-                         offline=getattr(args, "offline", False))
+                         offline=getattr(args, "offline", False), dtype=dtype)
     variants = load_variants(args.delta or [], stacked=args.stacked, base=model)
     for variant in variants:
         for delta in variant.deltas:
             delta.check(model)
-    return model, variants, suite, judge, run_settings(args, model)
+    settings = run_settings(args, model)
+    model.use_sampler(settings.sampler)  # a sampler the model cannot step with is refused here, before any work
+    presets.warn(deviations)
+    return model, variants, suite, judge, dataclasses.replace(
+        settings, preset=None if applied is None else applied.record(), deviations=tuple(deviations))
 
 
 def suite_judge(args, suite):
@@ -112,7 +145,7 @@ def run_settings(args, model):
     """Sampler steps, guidance, negative prompt, batch size and image size from the arguments, else the model's."""
     from .runner import Settings
 
-    overrides = {"steps": args.steps or None, "guidance": args.guidance}
+    overrides = {"steps": args.steps or None, "guidance": args.guidance, "sampler": getattr(args, "scheduler", None)}
     return Settings.for_model(model, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
                               height=getattr(args, "height", None), width=getattr(args, "width", None),
                               **{k: v for k, v in overrides.items() if v is not None})

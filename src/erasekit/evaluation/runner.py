@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import samplers
 from ..checkpoint import atomic_write_json
 from ..delta import Delta, tensor_hash
 from ..errors import UserError
@@ -57,6 +58,9 @@ class Settings:
     dtype: str = "torch.float32"
     height: int | None = None  # image size in pixels; None: the model's own
     width: int | None = None
+    sampler: str = samplers.DEFAULT  # erasekit.samplers name (a family's own sampler: its title)
+    preset: dict | None = None  # the --protocol preset's record (evaluation.presets), None without one
+    deviations: tuple[str, ...] = ()  # where the run departs from what was asked (dtype on the CPU, ...)
 
     @classmethod
     def for_model(cls, model: Model, batch_size: int = 32, height: int | None = None, width: int | None = None,
@@ -67,7 +71,8 @@ class Settings:
 
         height, width = resolve(model, height, width)
         values = {"steps": model.sampler_defaults["steps"], "guidance": model.sampler_defaults["guidance"],
-                  "batch_size": batch_size, "dtype": str(model.dtype), "height": height, "width": width}
+                  "batch_size": batch_size, "dtype": str(model.dtype), "height": height, "width": width,
+                  "sampler": model.sampler}
         return cls(**{**values, **overrides})
 
     @property
@@ -78,7 +83,18 @@ class Settings:
         """One image's sampler settings: its cache key and its record."""
         guidance = self.guidance if prompt.guidance is None else float(prompt.guidance)
         return {"steps": self.steps, "guidance": guidance, "negative_prompt": self.negative_prompt,
-                "scheduler": "DDIM (eta 0)", "dtype": self.dtype, "height": self.height, "width": self.width}
+                "scheduler": samplers.title(self.sampler), "dtype": self.dtype, "height": self.height,
+                "width": self.width}
+
+    def sampler_record(self) -> dict:
+        """The sampler part of a results file's protocol record."""
+        return {"scheduler": samplers.title(self.sampler), "steps": self.steps, "guidance": self.guidance,
+                "negative_prompt": self.negative_prompt, "height": self.height, "width": self.width}
+
+    def extra_record(self) -> dict:
+        """The preset and deviations, recorded only when there are any (so other runs' records are unchanged)."""
+        return {**({"preset": self.preset} if self.preset else {}),
+                **({"deviations": list(self.deviations)} if self.deviations else {})}
 
 
 @dataclass(frozen=True)
@@ -183,11 +199,10 @@ def protocol_record(model: Model, model_hash: str, variants: list[Variant], suit
     return {
         "model": {**model.identity(), "weights_hash": model_hash},
         "variants": [v.record() for v in variants],
-        "sampler": {"scheduler": "DDIM (eta 0)", "steps": settings.steps, "guidance": settings.guidance,
-                    "guidance_note": "a prompt's own guidance (from its file) overrides this default",
-                    "negative_prompt": settings.negative_prompt, "height": settings.height,
-                    "width": settings.width},
+        "sampler": {**settings.sampler_record(),
+                    "guidance_note": "a prompt's own guidance (from its file) overrides this default"},
         "dtype": settings.dtype,
+        **settings.extra_record(),
         "suite": suite.record(),
         "seeds": {s.name: [p.seed for p in s.prompts] for s in suite.sets},
         "judge": judge.record(),
@@ -206,6 +221,7 @@ def evaluate(model: Model, variants: list[Variant], suite: Suite, judge, out: Pa
     state = distributed_state()
     main = state is None or state.is_main_process
     start = time.time()
+    model.use_sampler(settings.sampler)
     model_hash = weights_hash(model)
     protocol = protocol_record(model, model_hash, variants, suite, judge, settings, quality)
     if main:

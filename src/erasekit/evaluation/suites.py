@@ -90,6 +90,13 @@ class Suite:
             raise UserError(f"limit must be a whole number of at least 1, got {k!r}: give a positive limit or none")
         return replace(self, sets=tuple(replace(s, prompts=s.prompts[:k]) for s in self.sets))
 
+    def with_seed(self, seed: int | None) -> Suite:
+        """The suite with every prompt's image at this one seed (None: unchanged); the hash records it."""
+        if seed is None:
+            return self
+        return replace(self, sets=tuple(replace(s, prompts=tuple(replace(p, seed=int(seed)) for p in s.prompts))
+                                        for s in self.sets))
+
     def record(self) -> dict:
         """What a report says about the suite: its identity, hash and set sizes."""
         return {"name": self.name, "source": self.source, "layout": self.layout, "concepts": list(self.concepts),

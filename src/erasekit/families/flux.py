@@ -44,10 +44,18 @@ class FluxModel(PooledRows, Model):
         super().__init__(pipe, source, name, defaults, origin)
         self.set_pooled(pipe.transformer.config.pooled_projection_dim, pipe.transformer.config.joint_attention_dim)
 
+    SAMPLER = "FlowMatchEuler (resolution-shifted)"  # its one sampler, recorded under this name
+
     def make_scheduler(self, config: dict):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        self.sampler = self.SAMPLER
         return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+    def use_sampler(self, name: str) -> None:
+        if name != self.SAMPLER:
+            raise UserError(f"FLUX.1 samples only with its flow-matching Euler sampler, not {name}: drop "
+                            "--scheduler (and --protocol, whose presets are Stable Diffusion 1.x protocols)")
 
     # -- components: the denoiser is the transformer, the context encoder T5 --------------------------------
     @property
