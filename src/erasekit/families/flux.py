@@ -8,13 +8,26 @@ the global conditioning, and a flow-matching transformer with joint attention th
   Guidance: dev is guidance-distilled (the scale is an input of the transformer, one call per step, no
   unconditional branch); schnell takes none. Neither runs classifier-free guidance, as in the stock
   pipeline (true_cfg_scale 1).
-- Closed-form edits: `cross_attention_layers` are the text projections that read the T5 rows, as UCE's
-  FLUX script edits: `context_embedder` (kind "k", so UCE maps it like a key projection); the
-  dual-stream blocks' `attn.add_k_proj` / `attn.add_v_proj` read the block's text stream, not the T5
-  rows, and are not offered.
+- Closed-form edits (`edit_layer_sets`): "text", the default, is what UCE's FLUX script
+  (trainscripts/uce_flux_edit.py) edits: `context_embedder`, reading the T5 rows (CONTEXT), and
+  `time_text_embed.text_embedder.linear_1`, reading the pooled CLIP embedding (POOLED, one row per prompt);
+  each is solved with its own inputs. "blocks" (an option, `--set layers=blocks` or `text+blocks`) is every
+  dual-stream block's `attn.add_k_proj` / `attn.add_v_proj`. Their input in block i at a sampler step is
+  LN(h_i) * (1 + scale_i) + shift_i: h_i the text stream entering the block (h_0 = context_embedder of the T5
+  rows; later blocks add joint attention over the image tokens and an MLP), scale and shift from the timestep,
+  the pooled embedding and (dev) the guidance value. No fixed text feature gives it: it depends on the step,
+  and from block 1 on on the image latent. So the edit's keys are the inputs themselves, recorded on the
+  model's own trajectory for each prompt (seed 0, its default size and guidance, a `feature_steps`-step run of
+  its sampler, one key row per step at the chosen positions) from the unedited model. The edit is UCE's exact
+  solution for those samples and an approximation elsewhere: other seeds, steps, sizes and guidance values
+  give inputs it did not fit; block 0's inputs do not depend on the seed (they read no image token), later
+  blocks' do; and an edit of earlier layers in the same run (the text set, block i < j) changes what block j
+  then reads, which its keys did not see.
+- Losses (attacks): x_t = (1 - s) x0 + s noise, the target is the velocity noise - x0 (`add_noise`, `target`);
+  a loss's evenly spread timesteps are taken as sigmas and shifted as the sampler shifts its own
+  (`loss_timesteps`), on packed latents.
 - Not yet on FLUX (refused in one line by `require`): fine-tuning (ESD's negative guidance needs an
-  unconditional branch a guidance-distilled model does not have) and the token attacks (T5 has no
-  begin token and its pooled CLIP input is another vocabulary).
+  unconditional branch a guidance-distilled model does not have).
 """
 
 from __future__ import annotations

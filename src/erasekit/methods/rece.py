@@ -4,6 +4,10 @@ Each round derives the embedding that best regenerates the concept through the e
     c* = argmin_c sum_l ||W'_l c - W0_l c_concept||^2 + mu ||c||^2,
 for every token row of the concept's embedding, adds c* as a new erase key mapped to the anchor, and
 re-solves UCE from the original weights. Defaults (nudity in the paper): lam 0.1, 3 rounds, mu 1e-3.
+Layers reading different inputs (UCE's `layers`; FLUX's T5 rows, pooled embedding, blocks' streams) are solved
+apart, each with c* in its own input: the objective is a sum over layers and no layer reads another's input,
+so this is the joint problem's solution. For an input with one row per prompt (the pooled embedding) c* is
+derived from the concept name's row and mapped to the anchor's.
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ templates). Prompt building is the spec's: `--expand` under the default "uce" ex
 --expand_prompts builds (each concept bare plus its five templated prompts, the guide likewise, preserve
 concepts not expanded); `--expansion templates` keeps erasekit's earlier rule. docs/METHODS.md has the table.
 Each distinct prompt is encoded once (common.Encodings).
+Layers (`layers`: the family's default set, or sets Model.edit_layer_sets names) are solved per input they read
+(KVStack.groups): the context rows for every SD K/V; on FLUX context_embedder with T5 rows and the pooled
+projection with the pooled CLIP embedding (one key per prompt, whatever the positions), as the public FLUX
+script (trainscripts/uce_flux_edit.py) edits them. Values are W0 times the anchor's input, the bias left out
+(the layer adds it to both sides). The FLUX blocks' add_k/add_v option and what it approximates: the FLUX
+adapter's docstring (`feature_steps`: the sampler steps whose inputs are its keys).
 On the testbed (and UCE's derivative RECE) the keys are every aligned row: its MiniLM encoder is bidirectional
 and writes the concept into every token, so the [KEY] row alone left striped at 0.97 and red at 0.50 of
 canonical prompts, and the aligned rows take both to 0.00 (docs/results/closed_form.md).
