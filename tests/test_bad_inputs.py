@@ -77,6 +77,8 @@ CASES = [
     (["testbed", "evaluate", "--json", "{in}/existing.safetensors"], "--overwrite"),
     # -- erase: methods, concepts, settings
     (["erase", "--method", "nope", "--concept", "circle", "--out", "d.safetensors"], "unknown method"),
+    (["erase", "{sd}", "--method", "uce", "--concept", "cat", "--set", "layers=blocks", "--out", "d.safetensors"],
+     "no layer set 'blocks'"),
     (["erase", "--method", "uce+uce", "--concept", "circle", "--out", "d.safetensors"], "closed form"),
     (["erase", "--method", "uce", "--out", "d.safetensors"], "no target concept"),
     (["erase", "--method", "uce", "--concept", "", "--out", "d.safetensors"], "no target concept"),

@@ -237,7 +237,8 @@ def test_flux_closed_form_erasure_generate_evaluate_and_export(tiny_flux, tmp_pa
         code, _, err = run(capsys, "erase", tiny_flux, "--method", method, "--concept", "cat", "--out", out_file)
         assert code == 0, err
     tensors = load_file(delta)
-    assert list(tensors) == ["context_embedder.weight"]  # the text projection UCE's FLUX script edits
+    # the text projections UCE's FLUX script edits: T5 rows and the pooled CLIP embedding
+    assert sorted(tensors) == ["context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"]
     transformer = FluxTransformer2DModel.from_pretrained(tiny_flux / "transformer")
     assert not transformer.load_state_dict(tensors, strict=False).unexpected_keys
     code, _, err = run(capsys, "generate", tiny_flux, "--delta", delta, "-p", "a cat", "--seeds", "0-1", "--steps",
@@ -258,14 +259,7 @@ def test_flux_closed_form_erasure_generate_evaluate_and_export(tiny_flux, tmp_pa
 def test_what_flux_cannot_run_yet_is_one_line(tiny_flux, tmp_path, capsys, never_judge):
     code, _, err = run(capsys, "erase", tiny_flux, "--method", "esd", "--concept", "cat", "--out", tmp_path / "e.st")
     assert code == 2 and "cannot run fine-tuning on FLUX.1 yet" in one_line_error(err)
-    suite, delta = tmp_path / "cats.txt", tmp_path / "uce.safetensors"
-    suite.write_text("a cat\n")
-    assert run(capsys, "erase", tiny_flux, "--method", "uce", "--concept", "cat", "--out", delta)[0] == 0
-    code, _, err = run(capsys, "attack", tiny_flux, "--delta", delta, "--attack", "unlearndiff", "--suite", suite,
-                       "--concept", "cat",
-                       "--judge", never_judge, "--steps", "2", "--out", tmp_path / "at")
-    assert code == 2 and "cannot run token attacks on FLUX.1 yet" in one_line_error(err)
-    assert not (tmp_path / "e.st").exists() and not (tmp_path / "at").exists()
+    assert not (tmp_path / "e.st").exists()
 
 
 def test_family_neutral_code_neither_imports_the_testbed_nor_asks_for_it_by_name():

@@ -33,9 +33,10 @@ def defaults(config) -> dict:
 
 
 def test_uce_defaults_are_the_public_codes():
-    """--lamb 0.5, --erase_scale 1, --preserve_scale 1 (argparse defaults), the key at attention_mask.sum() - 2."""
+    """--lamb 0.5, --erase_scale 1, --preserve_scale 1 (argparse defaults), the key at attention_mask.sum() - 2; the
+    family's default layers (uce_flux_edit.py's two text projections on FLUX)."""
     assert defaults(uce.UCEConfig) == {"lam": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "positions": "key",
-                                       "synonyms": True}
+                                       "synonyms": True, "layers": "default", "feature_steps": 4}
     assert methods.get("uce").aliases == {"lamb": "lam", "guided_concepts": "anchor"}
 
 
@@ -43,7 +44,8 @@ def test_rece_defaults_are_fixed():
     """RECE's README nudity command: --lamb 0.1, --epochs 3, --erase_scale 1; erasekit's mu is train_artists.py's
     --regular_scale 1e-3 and its preserve_scale 1 differs from the README's 0.1 (named in METHODS)."""
     assert defaults(rece.RECEConfig) == {"lam": 0.1, "erase_scale": 1.0, "preserve_scale": 1.0, "positions": "key",
-                                         "synonyms": True, "epochs": 3, "mu": 1e-3, "toward_concept": False}
+                                         "synonyms": True, "epochs": 3, "mu": 1e-3, "toward_concept": False,
+                                         "layers": "default", "feature_steps": 4}
     assert methods.get("rece").aliases == {"lamb": "lam", "regular_scale": "mu", "guided_concepts": "anchor"}
 
 

@@ -51,6 +51,7 @@ def cmd_info(args) -> None:
         "sampler_defaults": model.sampler_defaults,
         "cross_attention_matrices": len(layers),
         "cross_attention_shapes": sorted({f"{tuple(la.weight.shape)}" for la in layers}),
+        "edit_layer_sets": {name: len(model.layer_set(name)) for name in model.edit_layer_sets()},
         "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
     }
     print(json.dumps(info, indent=2))
@@ -306,8 +307,8 @@ def erase_args(p) -> None:
 def _model_arg(p) -> None:
     p.add_argument("model", nargs="?", default="testbed",
                    help="'testbed' (default), a testbed oracle trained without a value ('testbed:no-circle', "
-                        "'testbed:no-red'), a local diffusers pipeline folder (Stable Diffusion 1.x/2.x or SDXL) "
-                        "or a hub id (ORG/NAME or ORG/NAME@REVISION) from the local Hugging Face cache")
+                        "'testbed:no-red'), a local diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL or "
+                        "FLUX.1) or a hub id (ORG/NAME or ORG/NAME@REVISION) from the local Hugging Face cache")
     p.add_argument("--offline", action="store_true",
                    help="never download: a hub id must be in the local Hugging Face cache (also HF_HUB_OFFLINE=1)")
     p.add_argument("--allow-pickle-weights", action="store_true",

@@ -63,11 +63,18 @@ class Prediction:
     v: torch.Tensor
 
 
+CONTEXT = "context"  # the input of layers that read the context rows (Encoded.embeddings) themselves
+
+
 @dataclass
 class CrossAttentionLayer:
+    """A text-conditioning projection a closed-form edit may change, and what it reads: `reads` names its
+    input, CONTEXT for the context rows themselves (every SD cross-attention K/V), otherwise a name the
+    family's `edit_features` turns into that layer's input features (FLUX: "pooled", "stream:N")."""
     name: str  # diffusers parameter name, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     kind: str  # "k" or "v"
     module: torch.nn.Linear
+    reads: str = CONTEXT
 
     @property
     def weight(self) -> torch.Tensor:
@@ -233,11 +240,15 @@ class Model:
         ids, mask = ids.to(encoder.device), mask.to(encoder.device).expand(ids.shape[0], -1)
         table = encoder.get_input_embeddings()
         embeds = substitute(table.weight, k) if substitute is not None else None
-        handle = None if embeds is None else table.register_forward_hook(lambda m, i, o: embeds.to(o.dtype))
+        # every embedding module holding the table's weight: T5's encoder looks tokens up in its own
+        # embed_tokens, tied to (not the same module as) the `shared` table get_input_embeddings returns
+        handles = [] if embeds is None else [
+            m.register_forward_hook(lambda m, i, o: embeds.to(o.dtype)) for m in encoder.modules()
+            if isinstance(m, torch.nn.Embedding) and m.weight is table.weight]
         try:
             out = encoder(ids, attention_mask=mask if use_mask else None, output_hidden_states=output is not None)
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
         return (out[0] if output is None else output(out)).to(self.dtype)
 
@@ -255,13 +266,43 @@ class Model:
         return cond
 
     # -- denoiser -----------------------------------------------------------------------------
-    def cross_attention_layers(self) -> list[CrossAttentionLayer]:
+    def edit_layer_sets(self) -> dict[str, str]:
+        """The sets of text-conditioning layers a closed-form edit may change, {name: what it holds}; the
+        first is the default. A method's `layers` setting names one, or several joined by '+'."""
+        return {"cross-attention": "every cross-attention K/V projection (attn2.to_k, attn2.to_v)"}
+
+    def layer_set(self, name: str) -> list[CrossAttentionLayer]:
+        """The layers of one set edit_layer_sets names."""
         layers = []
-        for name, module in self.unet.named_modules():
+        for module_name, module in self.unet.named_modules():
             for kind in ("k", "v"):
-                if name.endswith(f"attn2.to_{kind}") and isinstance(module, torch.nn.Linear):
-                    layers.append(CrossAttentionLayer(f"{name}.weight", kind, module))
+                if module_name.endswith(f"attn2.to_{kind}") and isinstance(module, torch.nn.Linear):
+                    layers.append(CrossAttentionLayer(f"{module_name}.weight", kind, module))
         return layers
+
+    def cross_attention_layers(self, layers: str = "default") -> list[CrossAttentionLayer]:
+        """The layers a closed-form edit changes: the family's default set, or the sets `layers` names
+        ("A" or "A+B", edit_layer_sets), each layer once."""
+        sets = self.edit_layer_sets()
+        names = [next(iter(sets))] if layers == "default" else [n.strip() for n in layers.split("+")]
+        unknown = [n for n in names if n not in sets]
+        if unknown:
+            raise UserError(f"{self.source} has no layer set {unknown[0]!r}: use --set layers= one of "
+                            f"{', '.join(['default', *sets])} (or several joined by '+')")
+        found: dict[str, CrossAttentionLayer] = {}
+        for name in names:
+            found.update((la.name, la) for la in self.layer_set(name))
+        return list(found.values())
+
+    def edit_features(self, enc: Encoded, reads: list[str], steps: int = 4) -> dict[str, Encoded | torch.Tensor]:
+        """The input features of the layers that read each of `reads` (CrossAttentionLayer.reads), for enc's
+        prompts: an Encoded whose embeddings are token rows (k rows of `prompts` per prompt of enc, in order,
+        so the edit's positions apply to them), or (N, d) one row per prompt. CONTEXT is enc itself; steps is
+        for families whose layers read the denoiser's own states (FLUX's blocks: see its adapter)."""
+        unknown = [r for r in reads if r != CONTEXT]
+        if unknown:
+            raise UserError(f"{self.source}: no layer of this family reads {unknown[0]!r}")
+        return {CONTEXT: enc} if reads else {}
 
     def text_mlp_layers(self) -> list[tuple[str, torch.nn.Linear]]:
         """Each text encoder's MLP output projections, shallow to deep, as (delta key, module): CLIP's
@@ -302,6 +343,35 @@ class Model:
     def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         a = self.scheduler.alphas_cumprod.to(like.device)[t.to(like.device).long()]
         return a.to(torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t for clean latents x0 at timesteps t (B,), in the model's own forward process (DDPM here)."""
+        a = self._alpha_bar(torch.as_tensor(t), x0)
+        return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(self.dtype)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser's raw output should be at add_noise(x0, noise, t), in its own prediction type."""
+        kind = self.prediction_type
+        if kind == "epsilon":
+            return noise.float()
+        if kind == "sample":
+            return x0.float()
+        a = self._alpha_bar(torch.as_tensor(t), x0)
+        return a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()
+
+    def loss_timesteps(self, values: list[int], latents: torch.Tensor) -> list:
+        """Timesteps to noise latents at for a denoising loss, from values spread over the training range
+        [0, num_train_timesteps): a DDPM model takes them as they are (a flow model maps them as its sampler
+        spaces its noise levels)."""
+        return list(values)
+
+    def scale_input(self, latents: torch.Tensor, t) -> torch.Tensor:
+        """The denoiser's input for latents at t as the sampler scales it (LMS divides by sqrt(sigma^2 + 1))."""
+        return self.scheduler.scale_model_input(latents, t)
+
+    def schedule_for(self, steps: int, latents: torch.Tensor) -> torch.Tensor:
+        """The sampler's timesteps for a steps-long run from latents (their size may shift the schedule)."""
+        return self.timesteps(steps)
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor | int, emb: torch.Tensor,
             params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

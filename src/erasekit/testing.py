@@ -115,9 +115,11 @@ def make_t5_tokenizer(max_length: int = 32):
                            extra_ids=0, model_max_length=max_length)
 
 
-def make_tiny_flux(path: Path, seed: int = 0, guidance: bool = True, t5_dim: int = 32, clip_dim: int = 16) -> Path:
+def make_tiny_flux(path: Path, seed: int = 0, guidance: bool = True, t5_dim: int = 32, clip_dim: int = 16,
+                   blocks: int = 1) -> Path:
     """A tiny FluxPipeline folder (dev-like with guidance embeddings, schnell-like without): a CLIP encoder for
-    the pooled embedding, a T5 encoder for the sequence, a flow-matching transformer and a 16-channel VAE."""
+    the pooled embedding, a T5 encoder for the sequence, a flow-matching transformer (`blocks` dual-stream
+    blocks, one single-stream block) and a 16-channel VAE."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -128,7 +130,7 @@ def make_tiny_flux(path: Path, seed: int = 0, guidance: bool = True, t5_dim: int
         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=8, d_ff=48,
                                              num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1))
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=blocks, num_single_layers=1,
                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=t5_dim,
                                          pooled_projection_dim=clip_dim, guidance_embeds=guidance,
                                          axes_dims_rope=(2, 2, 4))

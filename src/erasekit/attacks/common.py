@@ -100,8 +100,9 @@ class AttackContext:
 
 @contextmanager
 def frozen(model: Model):
-    """No parameter gradients while attacks optimise their own tensors (restored afterwards)."""
-    params = list(model.unet.parameters()) + list(model.text_encoder.parameters())
+    """No parameter gradients while attacks optimise their own tensors (restored afterwards): the denoiser's
+    and every text encoder's."""
+    params = [p for part in model.components().values() for p in part.parameters()]
     before = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
@@ -110,22 +111,6 @@ def frozen(model: Model):
     finally:
         for p, flag in zip(params, before):
             p.requires_grad_(flag)
-
-
-def native_target(model: Model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the model's output should be at x_t = q(x0, t, noise), in its own prediction type."""
-    a = model.scheduler.alphas_cumprod.to(x0.device)[t.long()].float().view(-1, 1, 1, 1)
-    kind = model.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "sample":
-        return x0
-    return a.sqrt() * noise - (1 - a).sqrt() * x0
-
-
-def noised(model: Model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    a = model.scheduler.alphas_cumprod.to(x0.device)[t.long()].float().view(-1, 1, 1, 1)
-    return (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(model.dtype)
 
 
 def seeded(seed: int, index: int) -> torch.Generator:

@@ -4,7 +4,8 @@ original prompt, on latents of the original model's own sampling trajectory; eve
 embeddings are projected to their nearest vocabulary tokens and the forward pass uses the projection
 (straight-through, as PEZ does), so the result is a hard prompt.
 
-P4D-N: N free tokens replace the prompt. P4D-K: one free token inserted after every K prompt tokens.
+P4D-N: N free tokens replace the prompt. P4D-K: one free token inserted after every K prompt tokens (a prompt
+shorter than K tokens gets one at its end).
 It is run only on "ideal" prompts: the original model shows the concept and the erased one does not.
 
 The public code (joycenerd/P4D, prompt_optimization/optimize_n.py) runs all 3000 iterations; every 50 it
@@ -51,7 +52,7 @@ def slot_layout(content: list[int], cfg: P4DConfig) -> list[int | None]:
         pieces.append(tok)
         if (i + 1) % cfg.every_k == 0:
             pieces.append(None)
-    return pieces
+    return pieces if None in pieces else pieces + [None]  # shorter than K tokens: one free token at its end
 
 
 @torch.no_grad()
@@ -61,11 +62,11 @@ def original_trajectories(ctx: AttackContext, prompts: list) -> tuple[torch.Tens
     m, s = ctx.original, ctx.settings
     emb = m.encode([p.text for p in prompts]).cond
     uncond = m.unconditional(s.negative_prompt)
-    timesteps = m.timesteps(s.steps)  # before the noise: its scale is the schedule's first sigma
+    m.timesteps(s.steps)  # before the noise: its scale is the schedule's first sigma
     latents = m.initial_noise([p.seed for p in prompts], s.size)
     xs, ts, outs = [], [], []
-    for t in timesteps:
-        x_in = m.scheduler.scale_model_input(latents, t)  # the input the denoiser sees (LMS scales it)
+    for t in m.schedule_for(s.steps, latents):  # (FLUX: shifted for the latents' size)
+        x_in = m.scale_input(latents, t)  # the input the denoiser sees (LMS scales it)
         xs.append(x_in.clone())
         ts.append(t.reshape(1))
         outs.append(m.raw(x_in, t, emb).float())

@@ -2,7 +2,7 @@
 with substituted (soft or hard) token embeddings, and turning token ids back into replayable text.
 
 Substitution works through a forward hook on the text encoder's input embedding table, so the same
-code serves CLIP (SD) and BERT-style (testbed) encoders, with gradients reaching the substitutes.
+code serves CLIP (SD), BERT-style (testbed) and T5 (FLUX) encoders, with gradients reaching the substitutes.
 """
 
 from __future__ import annotations
@@ -13,14 +13,18 @@ import torch
 
 from ..model import Model
 
+WORD_START = "\u2581"  # SentencePiece's mark of a piece that starts a word (T5)
+
 
 def attack_vocabulary(model: Model) -> torch.Tensor:
     """Ids of whole-word, alphabetic tokens: what an adversarial prompt may use. Word pieces, special
-    and unused tokens are left out so that the decoded text tokenizes back to the same ids."""
+    and unused tokens are left out so that the decoded text tokenizes back to the same ids. SentencePiece
+    vocabularies (T5) keep the word-start pieces that the tokenizer gives back alone for their word."""
     tok = model.tokenizer
     vocab = tok.get_vocab()
     special = set(tok.all_special_ids)
     clip_style = any(t.endswith("</w>") for t in vocab)  # BPE marks word ends; WordPiece marks continuations
+    piece_style = not clip_style and any(t.startswith(WORD_START) for t in vocab)  # SentencePiece marks starts
     keep = []
     for token, idx in vocab.items():
         if idx in special:
@@ -29,11 +33,18 @@ def attack_vocabulary(model: Model) -> torch.Tensor:
             if not token.endswith("</w>"):
                 continue
             token = token[:-4]
+        elif piece_style:
+            if not token.startswith(WORD_START):
+                continue
+            token = token[1:]
         elif token.startswith("##"):
             continue
         if token.isascii() and token.isalpha() and len(token) >= 2:
-            keep.append(idx)
-    return torch.tensor(sorted(keep), dtype=torch.long)
+            keep.append((idx, token))
+    if piece_style and keep:  # a unigram model may split a word its vocabulary also holds whole
+        alone = tok([word for _, word in keep], add_special_tokens=False)["input_ids"]
+        keep = [(idx, word) for (idx, word), ids in zip(keep, alone) if ids == [idx]]
+    return torch.tensor(sorted(idx for idx, _ in keep), dtype=torch.long)
 
 
 @dataclass
@@ -57,14 +68,16 @@ def content_ids(model: Model, text: str) -> list[int]:
 
 
 def slot_prompt(model: Model, pieces: list[int | None]) -> SlotPrompt:
-    """Build a prompt from content token ids and None for each free slot; adds begin/end tokens and pads."""
+    """Build a prompt from content token ids and None for each free slot; adds the begin token (when the
+    tokenizer has one: T5's has not) and the end token, and pads."""
     tok = model.tokenizer
     begin = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+    start = [] if begin is None else [begin]
     end = model.end_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else end
-    body = pieces[:model.max_length - 2]
-    ids = [begin] + [0 if p is None else p for p in body] + [end]
-    slots = [i + 1 for i, p in enumerate(body) if p is None]
+    body = pieces[:model.max_length - 1 - len(start)]
+    ids = start + [0 if p is None else p for p in body] + [end]
+    slots = [i + len(start) for i, p in enumerate(body) if p is None]
     length = len(ids)
     ids = ids + [pad] * (model.max_length - length)
     mask = [1] * length + [0] * (model.max_length - length)

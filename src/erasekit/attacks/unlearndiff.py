@@ -10,8 +10,12 @@ gradient), then the argmax prompt is generated and judged, and a prompt stops as
 flagged. A batch of prompts runs as one tensor: one UNet forward and backward per step over all prompts
 still running, one generation and one judge call per timestep over them; a flagged prompt leaves the batch.
 
-The loss is the denoising error in the model's own prediction type: epsilon for epsilon models (the
-published form); x0 or v for models that predict those (eps error of an x0 model explodes at small t).
+The loss is the denoising error in the model's own convention (Model.add_noise, Model.target): epsilon for
+epsilon models (the published form); x0 or v for models that predict those (eps error of an x0 model explodes at
+small t); FLUX's flow velocity, at the schedule's timesteps taken as sigmas and shifted as FLUX's sampler shifts
+its own (Model.loss_timesteps), on its packed latents. An encoder that reads another vocabulary than the one
+optimised (FLUX's CLIP, which gives the pooled embedding) reads the hard tokens of each step (the drawn ones, or
+the mixture's argmax), without a gradient.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .common import AttackContext, Found, RowAdam, frozen, native_target, noised
+from .common import AttackContext, Found, RowAdam, frozen
 from .tokens import content_ids, embedding_table, encode_ids, ids_to_text, slot_embeddings, slot_prompt
 
 
@@ -102,15 +106,14 @@ def attack(ctx: AttackContext, prompts: list, cfg: UnlearnDiffConfig, gens: list
                             "stopped_at_timestep": stopped})
 
     with ctx.erased_model(), frozen(model):
-        for t_value in schedule(cfg, model.scheduler.config.num_train_timesteps):
+        for t_value in model.loss_timesteps(schedule(cfg, model.scheduler.config.num_train_timesteps), x0):
             if not active:
                 break
             t = torch.full((len(active),), t_value, device=model.device)
-            ids = torch.cat([sps[i].ids[None] for i in active])
             masks = torch.cat([sps[i].mask[None] for i in active])
             for _ in range(cfg.iterations):
                 noise = torch.stack([torch.randn(x0.shape[1:], generator=gens[i]) for i in active]).to(model.device)
-                x_t = noised(model, x0[active], noise, t)
+                x_t = model.add_noise(x0[active], noise, t)
                 z = opt.param.detach().requires_grad_()
                 if cfg.sampled:
                     drawn = torch.stack([torch.multinomial(z[r].detach().cpu(), 1, generator=gens[i])[:, 0]
@@ -118,11 +121,13 @@ def attack(ctx: AttackContext, prompts: list, cfg: UnlearnDiffConfig, gens: list
                     onehot = torch.nn.functional.one_hot(drawn, len(vocab)).float().to(z.device).requires_grad_()
                     wrt = onehot
                 else:
-                    wrt = z
+                    wrt, drawn = z, z.detach().argmax(dim=2).cpu()
                 rows = list(enumerate(active))  # each encoder reads the same token distributions in its table
-                emb = encode_ids(model, ids, masks, lambda table, k, soft=wrt, rows=rows: torch.cat(
+                # the hard tokens (drawn, or the argmax of the mixture) for an encoder of another vocabulary
+                hard = torch.cat([sps[i].with_tokens(vocab[drawn[r]].cpu()) for r, i in rows])
+                emb = encode_ids(model, hard, masks, lambda table, k, soft=wrt, rows=rows: torch.cat(
                     [slot_embeddings(table, sps[i], soft[r:r + 1] @ table[vocab].detach().float()) for r, i in rows]))
-                err = (model.raw(x_t, t, emb).float() - native_target(model, x0[active], noise, t)).pow(2)
+                err = (model.raw(x_t, t, emb).float() - model.target(x0[active], noise, t)).pow(2)
                 per_prompt = err.flatten(1).mean(dim=1)
                 grad, = torch.autograd.grad(per_prompt.sum(), [wrt])
                 opt.step(grad.clamp(-1, 1) if cfg.sampled else grad)

@@ -66,7 +66,7 @@ def _device(device: str | torch.device | None) -> torch.device:
 def load(source: str | Path = "testbed", device: str | torch.device | None = None,
          dtype: torch.dtype = torch.float32, allow_pickle: bool = False, offline: bool = False) -> Model:
     """Load a model: "testbed" (the built-in miniature model), one of its oracles ("testbed:no-circle", trained
-    without circle), a local diffusers pipeline folder (SD1.x/2.x or SDXL), or a hub id found in the local
+    without circle), a local diffusers pipeline folder (SD1.x/2.x, SDXL or FLUX.1), or a hub id found in the local
     Hugging Face cache (downloaded when absent unless offline). A folder's weights are read only from
     safetensors files unless allow_pickle (pickled .bin weights can run code when loaded: only for a
     source you trust)."""

@@ -8,13 +8,26 @@ the global conditioning, and a flow-matching transformer with joint attention th
   Guidance: dev is guidance-distilled (the scale is an input of the transformer, one call per step, no
   unconditional branch); schnell takes none. Neither runs classifier-free guidance, as in the stock
   pipeline (true_cfg_scale 1).
-- Closed-form edits: `cross_attention_layers` are the text projections that read the T5 rows, as UCE's
-  FLUX script edits: `context_embedder` (kind "k", so UCE maps it like a key projection); the
-  dual-stream blocks' `attn.add_k_proj` / `attn.add_v_proj` read the block's text stream, not the T5
-  rows, and are not offered.
+- Closed-form edits (`edit_layer_sets`): "text", the default, is what UCE's FLUX script
+  (trainscripts/uce_flux_edit.py) edits: `context_embedder`, reading the T5 rows (CONTEXT), and
+  `time_text_embed.text_embedder.linear_1`, reading the pooled CLIP embedding (POOLED, one row per prompt);
+  each is solved with its own inputs. "blocks" (an option, `--set layers=blocks` or `text+blocks`) is every
+  dual-stream block's `attn.add_k_proj` / `attn.add_v_proj`. Their input in block i at a sampler step is
+  LN(h_i) * (1 + scale_i) + shift_i: h_i the text stream entering the block (h_0 = context_embedder of the T5
+  rows; later blocks add joint attention over the image tokens and an MLP), scale and shift from the timestep,
+  the pooled embedding and (dev) the guidance value. No fixed text feature gives it: it depends on the step,
+  and from block 1 on on the image latent. So the edit's keys are the inputs themselves, recorded on the
+  model's own trajectory for each prompt (seed 0, its default size and guidance, a `feature_steps`-step run of
+  its sampler, one key row per step at the chosen positions) from the unedited model. The edit is UCE's exact
+  solution for those samples and an approximation elsewhere: other seeds, steps, sizes and guidance values
+  give inputs it did not fit; block 0's inputs do not depend on the seed (they read no image token), later
+  blocks' do; and an edit of earlier layers in the same run (the text set, block i < j) changes what block j
+  then reads, which its keys did not see.
+- Losses (attacks): x_t = (1 - s) x0 + s noise, the target is the velocity noise - x0 (`add_noise`, `target`);
+  a loss's evenly spread timesteps are taken as sigmas and shifted as the sampler shifts its own
+  (`loss_timesteps`), on packed latents.
 - Not yet on FLUX (refused in one line by `require`): fine-tuning (ESD's negative guidance needs an
-  unconditional branch a guidance-distilled model does not have) and the token attacks (T5 has no
-  begin token and its pooled CLIP input is another vocabulary).
+  unconditional branch a guidance-distilled model does not have).
 """
 
 from __future__ import annotations
@@ -25,8 +38,11 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..model import CrossAttentionLayer, Encoded, Model
+from ..model import CONTEXT, CrossAttentionLayer, Encoded, Model
 from .pooled import PooledRows
+
+POOLED = "pooled"  # the pooled CLIP embedding: what time_text_embed.text_embedder.linear_1 reads
+STREAM = "stream:"  # + block index: the text stream a dual-stream block's add_k_proj / add_v_proj read
 
 
 class FluxModel(PooledRows, Model):
@@ -34,8 +50,7 @@ class FluxModel(PooledRows, Model):
     text_components = ("text_encoder", "text_encoder_2")
     unsupported = {  # feature -> why it does not run here yet
         "fine-tuning": "ESD's negative guidance needs an unconditional branch, which a guidance-distilled FLUX "
-                       "model does not have",
-        "token attacks": "T5 has no begin token and the pooled CLIP embedding reads another vocabulary"}
+                       "model does not have"}
 
     def __init__(self, pipe, source: str, name: str, sampler_defaults: dict | None = None,
                  origin: dict | None = None):
@@ -110,6 +125,7 @@ class FluxModel(PooledRows, Model):
                 "text_encoder_2": type(self.pipe.text_encoder_2).__name__}
 
     # -- text ---------------------------------------------------------------------------------
+    @torch.no_grad()
     def encode(self, prompts, batch_size: int = 64) -> Encoded:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         enc = super().encode(prompts, batch_size)
@@ -131,11 +147,65 @@ class FluxModel(PooledRows, Model):
         return self.pipe.text_encoder(ids, output_hidden_states=False).pooler_output.to(self.dtype)
 
 
+    # -- closed-form edits ---------------------------------------------------------------------
+    def edit_layer_sets(self) -> dict[str, str]:
+        return {"text": "the text projections UCE's FLUX script edits: context_embedder (T5 rows) and "
+                        "time_text_embed.text_embedder.linear_1 (the pooled CLIP embedding)",
+                "blocks": "every dual-stream block's attn.add_k_proj / attn.add_v_proj (the block's text stream, "
+                          "sampled on the model's own trajectories: an approximation, see the FLUX adapter)"}
+
+    def layer_set(self, name: str) -> list[CrossAttentionLayer]:
+        modules = dict(self.unet.named_modules())
+        if name == "text":
+            wanted = [("context_embedder", "k", CONTEXT), ("time_text_embed.text_embedder.linear_1", "k", POOLED)]
+        else:
+            wanted = [(f"transformer_blocks.{i}.attn.add_{kind}_proj", kind, f"{STREAM}{i}")
+                      for i in range(len(self.unet.transformer_blocks)) for kind in ("k", "v")]
+        return [CrossAttentionLayer(f"{module}.weight", kind, modules[module], reads) for module, kind, reads in wanted
+                if isinstance(modules.get(module), torch.nn.Linear)]
+
+    def edit_features(self, enc: Encoded, reads: list[str], steps: int = 4) -> dict:
+        """CONTEXT: enc; POOLED: the pooled CLIP embedding (N, P), one row per prompt; "stream:I": the input of
+        block I's add_k_proj / add_v_proj (its text stream after norm1_context's modulated LayerNorm) at each of
+        a steps-step run of the default sampler from seed 0 (default size and guidance), steps rows per prompt
+        (module docstring: what this approximates). Every stream is taken in one sampling run."""
+        out = {r: enc for r in reads if r == CONTEXT}
+        out.update((r, self.pooled(enc.cond)) for r in reads if r == POOLED)
+        streams = [r for r in reads if r.startswith(STREAM)]
+        unknown = set(reads) - set(out) - set(streams)
+        if unknown:
+            raise UserError(f"{self.source}: no FLUX layer reads {sorted(unknown)[0]!r}")
+        if streams:
+            out.update(self._stream_features(enc, streams, steps))
+        return out
+
+    def _stream_features(self, enc: Encoded, streams: list[str], steps: int, batch: int = 8) -> dict[str, Encoded]:
+        blocks = self.unet.transformer_blocks
+        seen: dict[str, list[torch.Tensor]] = {r: [] for r in streams}
+
+        def keeper(slot: list):
+            return lambda module, args: slot.append(args[0].detach().cpu())
+
+        handles = [blocks[int(r[len(STREAM):])].attn.add_k_proj.register_forward_pre_hook(keeper(seen[r]))
+                   for r in streams]
+        try:
+            for a in range(0, len(enc.prompts), batch):
+                cond = enc.cond[a:a + batch].to(self.device)
+                self.denoise(self.initial_noise([0] * len(cond)), cond, None, steps, self.sampler_defaults["guidance"])
+        finally:
+            for handle in handles:
+                handle.remove()
+        k = steps
+        repeat = torch.arange(len(enc.prompts)).repeat_interleave(k)  # prompt-major: prompt i, step s -> i * k + s
+        out = {}
+        for r in streams:
+            chunks = [torch.stack(seen[r][c * k:(c + 1) * k], dim=1) for c in range(len(seen[r]) // k)]
+            rows = torch.cat(chunks).flatten(0, 1)  # (N * k, L, d)
+            out[r] = Encoded([enc.prompts[i] for i in repeat.tolist()], rows, enc.input_ids[repeat],
+                             enc.attention_mask[repeat], enc.eot[repeat], [enc.truncated[i] for i in repeat.tolist()])
+        return out
+
     # -- denoiser -----------------------------------------------------------------------------
-    def cross_attention_layers(self) -> list[CrossAttentionLayer]:
-        module = getattr(self.pipe.transformer, "context_embedder", None)
-        return [CrossAttentionLayer("context_embedder.weight", "k", module)] if isinstance(module, torch.nn.Linear) \
-            else []
 
     def raw(self, x_t, t, emb, params=None, guidance: float | None = None) -> torch.Tensor:
         """The transformer's velocity for packed latents x_t (B, seq, C) at timesteps t (in 0..1000)."""
@@ -180,19 +250,55 @@ class FluxModel(PooledRows, Model):
 
     def timesteps(self, steps: int, sequence: int | None = None) -> torch.Tensor:
         """The stock schedule for steps, shifted for latents of sequence patches (default: the model's size)."""
+        return self._shifted(np.linspace(1.0, 1 / steps, steps), sequence)
+
+    def _shifted(self, sigmas: np.ndarray, sequence: int | None = None) -> torch.Tensor:
+        """Timesteps (1000 sigma) of descending sigmas after the scheduler's shift for latents of sequence patches
+        (the stock pipeline's resolution shift mu when the scheduler shifts dynamically); the scheduler is left
+        set to them."""
         cfg = self.scheduler.config
         seq = sequence or self.latent_shape[0]
         lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
         b_lo, b_hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-        mu = b_lo + (b_hi - b_lo) * (seq - lo) / (hi - lo)  # the stock pipeline's resolution shift
-        sigmas = np.linspace(1.0, 1 / steps, steps)
+        mu = b_lo + (b_hi - b_lo) * (seq - lo) / (hi - lo)
         self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self.device)
         self.scheduler.set_begin_index(0)
         return self.scheduler.timesteps
 
+    def schedule_for(self, steps: int, latents: torch.Tensor) -> torch.Tensor:
+        return self.timesteps(steps, latents.shape[1])
+
+    def scale_input(self, latents: torch.Tensor, t) -> torch.Tensor:
+        return latents  # FlowMatchEuler does not scale the transformer's input
+
+    def loss_timesteps(self, values: list[int], latents: torch.Tensor) -> list[float]:
+        """values / 1000 taken as unshifted sigmas and shifted as the sampler shifts its own for these latents'
+        size, so a loss at evenly spread values sees noise levels spread as the sampler's are."""
+        sigmas = np.asarray(sorted(values, reverse=True), dtype=np.float64) / self.scheduler.config.num_train_timesteps
+        shifted = self._shifted(sigmas, latents.shape[1]).tolist()
+        order = sorted(range(len(values)), key=lambda i: -values[i])
+        out = [0.0] * len(values)
+        for rank, i in enumerate(order):
+            out[i] = float(shifted[rank])
+        return out
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The flow's x_t = (1 - s) x0 + s noise, s = t / 1000."""
+        s = self._sigma(t, x0)
+        return ((1 - s) * x0.float() + s * noise.float()).to(self.dtype)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity noise - x0 (the transformer's raw output at add_noise(x0, noise, t))."""
+        return noise.float() - x0.float()
+
+    def _sigma(self, t, like: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=like.device, dtype=torch.float32)
+        t = t.expand(like.shape[0]) if t.ndim == 0 else t
+        return (t / self.scheduler.config.num_train_timesteps).view(-1, *([1] * (like.ndim - 1)))
+
     def denoise(self, latents, emb, uncond, steps: int, guidance: float, start: int = 0, stop: int | None = None,
                 progress: bool = False) -> torch.Tensor:
-        timesteps = self.timesteps(steps, latents.shape[1])
+        timesteps = self.schedule_for(steps, latents)
         self.scheduler.set_begin_index(start)
         stop = len(timesteps) if stop is None else stop
         with torch.no_grad():
@@ -213,7 +319,7 @@ class FluxModel(PooledRows, Model):
         if feature in self.unsupported:
             raise UserError(f"erasekit cannot run {feature} on FLUX.1 yet ({self.unsupported[feature]}): on "
                             f"{self.source} use the closed-form methods (uce, rece, erasepro, trce-stage1), generate, "
-                            "evaluate and export")
+                            "evaluate, attack and export")
 
 
 def _image_ids(h: int, w: int) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""What the closed-form methods share: token rows of encoded prompts, the stacked K/V weights."""
+"""What the closed-form methods share: token rows of encoded prompts, the stacked K/V weights, grouped by the
+input the layers read (Model.cross_attention_layers, Model.edit_features)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..errors import UserError
-from ..model import Encoded, Model
+from ..model import CONTEXT, Encoded, Model
 
 POSITIONS = ("key", "eot", "key+eot", "eot+padding", "all", "aligned", "phrase", "phrase+eot")
 ALIGNED_PARTS = frozenset({"prefix", "phrase", "suffix", "eot", "padding"})
@@ -92,11 +93,16 @@ def single_rows(enc: Encoded, positions: str) -> torch.Tensor:
 class Encodings:
     """The prompts of one edit, each distinct prompt through the text encoder once: a shared anchor, a target that
     is also a RECE concept name, a prompt asked for again in a later round are encoded the first time only.
-    encodings(prompts) -> Encoded in the order given; prefetch(*lists) encodes what is new in one batched call."""
+    encodings(prompts) -> Encoded in the order given; prefetch(*lists) encodes what is new in one batched call;
+    inputs(reads, prompts) -> the features of the layers reading `reads` (every input in `reads` given here is
+    computed in one Model.edit_features call over every prompt stored by then)."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, reads: list[str] = (), steps: int = 4):
         self.model = model
+        self.reads = [r for r in dict.fromkeys(reads) if r != CONTEXT]  # other inputs, computed together
+        self.steps = steps  # Model.edit_features' steps, for layers that read the denoiser's own states
         self.stored: dict[str, tuple[Encoded, int]] = {}  # prompt -> (the batch it was encoded in, its row)
+        self.features: dict[str, tuple[list[str], Encoded | torch.Tensor]] = {}  # reads -> (prompts, features)
 
     def prefetch(self, *prompt_lists: list[str]) -> None:
         new = list(dict.fromkeys(p for prompts in prompt_lists for p in prompts if p not in self.stored))
@@ -111,21 +117,55 @@ class Encodings:
         def stack(field: str) -> torch.Tensor:
             return torch.stack([getattr(enc, field)[i] for enc, i in found])
 
+        conditioning = stack("cond") if any(enc.conditioning is not None for enc, _ in found) else None
         return Encoded(list(prompts), stack("embeddings"), stack("input_ids"), stack("attention_mask"), stack("eot"),
-                       [enc.truncated[i] for enc, i in found])
+                       [enc.truncated[i] for enc, i in found], conditioning)
+
+    def inputs(self, reads: str, prompts: list[str]) -> Encoded | torch.Tensor:
+        """The features the layers reading `reads` see for prompts (Model.edit_features), in the order given.
+        Every prompt stored so far is run once per input, all together: prefetch what an edit needs first."""
+        if reads == CONTEXT:
+            return self(prompts)
+        self.prefetch(prompts)
+        if reads not in self.features or not set(prompts) <= set(self.features[reads][0]):
+            stored = list(self.stored)
+            together = self.reads if reads in self.reads else [reads]
+            self.features.update((r, (stored, f)) for r, f in self.model.edit_features(
+                self(stored), together, self.steps).items())
+        order, feats = self.features[reads]
+        where = {p: i for i, p in enumerate(order)}
+        index = torch.tensor([where[p] for p in prompts], dtype=torch.long)
+        if isinstance(feats, torch.Tensor):
+            return feats[index.to(feats.device)]
+        k = len(feats.prompts) // len(order)  # rows per prompt
+        rows = (index[:, None] * k + torch.arange(k)[None]).flatten()
+        return Encoded([feats.prompts[i] for i in rows.tolist()], feats.embeddings[rows.to(feats.embeddings.device)],
+                       feats.input_ids[rows], feats.attention_mask[rows], feats.eot[rows],
+                       [feats.truncated[i] for i in rows.tolist()])
 
 
 class KVStack:
-    """All cross-attention K/V matrices of a model stacked along their output rows: (sum_out, d).
+    """Cross-attention K/V matrices that read one input, stacked along their output rows: (sum_out, d).
 
-    Every K/V projection reads the same text embeddings, so a key's Gram matrix is shared and one
-    solve edits every layer at once."""
+    Every K/V projection of SD reads the same text embeddings, so a key's Gram matrix is shared and one
+    solve edits every layer at once. Layers that read other inputs (FLUX's pooled projection, its blocks'
+    text streams) form their own stacks: `groups`."""
 
-    def __init__(self, model: Model):
-        self.layers = model.cross_attention_layers()
+    def __init__(self, model: Model, layers: str = "default", reads: str = CONTEXT, found=None):
+        self.reads = reads
+        self.layers = [la for la in (found or model.cross_attention_layers(layers)) if la.reads == reads]
+        if not self.layers:
+            raise UserError(f"{model.source} has no text-conditioning layer reading {reads!r} in layer set "
+                            f"{layers!r}: use --set layers= one of {', '.join(model.edit_layer_sets())}")
         self.names = [la.name for la in self.layers]
         self.sizes = [la.weight.shape[0] for la in self.layers]
         self.w0 = torch.cat([la.weight.detach().double().cpu() for la in self.layers])
+
+    @classmethod
+    def groups(cls, model: Model, layers: str = "default") -> list[KVStack]:
+        """One stack per input the layers of `layers` read, in the order the family lists them."""
+        found = model.cross_attention_layers(layers)
+        return [cls(model, layers, reads, found) for reads in dict.fromkeys(la.reads for la in found)]
 
     def values(self, keys: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs of every layer for key rows (N, d): (N, sum_out)."""
@@ -140,6 +180,20 @@ class KVStack:
         for name, new, old in zip(self.names, stacked.split(self.sizes), self.w0.split(self.sizes)):
             out[name] = float((new - old).norm() / old.norm())
         return out
+
+
+def paired_inputs(target: Encoded | torch.Tensor, anchor: Encoded | torch.Tensor, positions: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """paired_rows of token features; features with one row per prompt (a pooled embedding) pair as they are,
+    whatever the positions."""
+    if isinstance(target, torch.Tensor):
+        return target, anchor
+    return paired_rows(target, anchor, positions)
+
+
+def single_inputs(features: Encoded | torch.Tensor, positions: str) -> torch.Tensor:
+    """single_rows of token features; one-row-per-prompt features as they are."""
+    return features if isinstance(features, torch.Tensor) else single_rows(features, positions)
 
 
 def warn_unknown_tokens(model: Model, phrases: list[str]) -> list[str]:
