@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,8 @@ CASES = [
      "cut.pth is not a complete PyTorch weight file (cut short or another format"),
     (["evaluate", "--suite", "testbed:circle", "--fid-features", "inception:{in}/object.pth", "--out", "o"],
      "holds a Python object (argparse.Namespace), which erasekit does not unpickle"),
+    (["evaluate", "--suite", "testbed:circle", "--fid-features", "inception:{in}/torchscript.pt", "--out", "o"],
+     "is a TorchScript archive"),
     (["evaluate", "--suite", "testbed:circle", "--fid-features", "inception:{in}/random.safetensors", "--out", "o"],
      "not a complete safetensors weight file"),
     (["compare", "--delta", "{delta}", "--suite", "testbed:circle", "--fid-features", "inception:{in}/delta.bin",
@@ -291,6 +294,9 @@ def bad_files(tmp_path_factory, tiny_sd) -> dict[str, Path]:
     torch.save({"a": torch.zeros(256)}, d / "cut.pth")
     (d / "cut.pth").write_bytes((d / "cut.pth").read_bytes()[:700])  # a download cut short
     torch.save({"a": argparse.Namespace(x=1)}, d / "object.pth")  # a pickled object, refused unread
+    with warnings.catch_warnings():  # torch.jit.script is deprecated; its archives are still what users hold
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(d / "torchscript.pt"))  # clean-fid's kind of file
     delta = d / "circle.safetensors"
     assert main(["erase", "--method", "uce", "--concept", "circle", "--out", str(delta)]) == 0
     return {"in": d, "delta": delta, "sd": tiny_sd, "weights": WEIGHTS_DIR}

@@ -121,3 +121,9 @@ def test_evaluate_records_the_inception_features_and_measures_fid_real(weights, 
     code, _, err = run(capsys, "evaluate", "--suite", "testbed:red", "--fid-features",
                        f"inception:{tmp_path / 'missing.pth'}", "--out", tmp_path / "bad")
     assert code == 2 and "missing.pth does not exist" in one_line_error(err)
+
+
+def test_a_pth_is_not_unpickled_with_a_torch_whose_restricted_unpickler_could_run_code(weights, monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(UserError, match="needs torch >= 2.6"):
+        InceptionFeatures(weights)

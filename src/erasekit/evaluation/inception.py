@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from ..errors import UserError
 from .cache import to_uint8
@@ -187,6 +188,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     what = f"Inception weights {path}"
     if not path.is_file():
         raise UserError(f"{what} {'is a folder' if path.is_dir() else 'does not exist'}: {_fix()}")
+    if path.suffix != ".safetensors" and TorchVersion(torch.__version__) < (2, 6):
+        raise UserError(f"{what}: reading a .pth needs torch >= 2.6 (before it, torch.load(weights_only=True) "
+                        "could be made to run code, CVE-2025-32434): upgrade torch, or read the file into a "
+                        ".safetensors copy where you trust it")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -202,8 +207,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{what} holds a Python object ({found.group(1)}), which erasekit does not unpickle "
                             f"(it reads tensors only, with torch.load(weights_only=True)): {_fix()}") from e
         if "TorchScript" in str(e):
-            raise UserError(f"{what} is a TorchScript archive (clean-fid's inception-2015-12-05.pt is one), which "
-                            f"erasekit does not load: {_fix()}") from e
+            raise UserError(f"{what} is a TorchScript archive (as StyleGAN2-ADA's and clean-fid's "
+                            f"inception-2015-12-05.pt is), which erasekit does not load: {_fix()}") from e
         kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
         raise UserError(f"{what} is not a complete {kind} weight file (cut short or another format; "
                         f"{type(e).__name__}): {_fix()}") from e
