@@ -156,10 +156,10 @@ class FIDInception(nn.Module):
         return x.mean((2, 3))
 
 
-def network_input(images, size: int = SIZE) -> torch.Tensor:
-    """Float images (N, 3, H, W) in [0, 1] -> the network's input: quantised to 8 bits, resized to size x size
-    (bilinear, align_corners=False, no antialias), scaled to [-1, 1]."""
-    x = to_uint8(as_images(images)).float().div(255.0)
+def network_input(images, size: int = SIZE, device=None) -> torch.Tensor:
+    """Float images (N, 3, H, W) in [0, 1] -> the network's input on device: quantised to 8 bits, resized to
+    size x size (bilinear, align_corners=False, no antialias), scaled to [-1, 1]."""
+    x = to_uint8(as_images(images)).to(device).float().div(255.0)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return 2.0 * x - 1.0
 
@@ -253,7 +253,7 @@ class InceptionFeatures:
     def __call__(self, images) -> torch.Tensor:
         """(N, 2048) float features on the CPU."""
         images = as_images(images)
-        out = [self.net(network_input(images[i:i + self.batch_size]).to(self.device)).float().cpu()
+        out = [self.net(network_input(images[i:i + self.batch_size], device=self.device)).float().cpu()
                for i in range(0, images.shape[0], self.batch_size)]
         return torch.cat(out) if out else torch.zeros(0, 2048)
 
