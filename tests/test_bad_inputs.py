@@ -5,12 +5,15 @@ working folder or beside the inputs, and the source model folder byte-identical.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_helpers import one_line_error
 from erasekit.cli import main
@@ -151,6 +154,21 @@ CASES = [
     (["evaluate", "--suite", "testbed:circle", "--judge", "clip:{in}/afile", "--out", "o"], "afile"),
     (["evaluate", "--suite", "testbed:circle", "--clip", "{in}/missing", "--out", "o"], "does not exist"),
     (["evaluate", "--suite", "testbed:circle", "--fid-features", "{in}/afile", "--out", "o"], "is a file"),
+    (["evaluate", "--suite", "testbed:circle", "--fid-features", "inception:{in}/missing.pth", "--out", "o"],
+     "--fid-features {in}/missing.pth does not exist"),
+    (["evaluate", "--suite", "testbed:circle", "--fid-features", "inception:{in}/full", "--out", "o"], "is a folder"),
+    (["evaluate", "--suite", "testbed:circle", "--fid-features", "inception:{in}/wrong.pth", "--out", "o"],
+     "wrong.pth is not the FID Inception-v3: it lacks 472 of its 472 tensors"),
+    (["evaluate", "--suite", "testbed:circle", "--fid-features", "inception:{in}/cut.pth", "--out", "o"],
+     "cut.pth is not a complete PyTorch weight file (cut short or another format"),
+    (["evaluate", "--suite", "testbed:circle", "--fid-features", "inception:{in}/object.pth", "--out", "o"],
+     "holds a Python object (argparse.Namespace), which erasekit does not unpickle"),
+    (["evaluate", "--suite", "testbed:circle", "--fid-features", "inception:{in}/torchscript.pt", "--out", "o"],
+     "is a TorchScript archive"),
+    (["evaluate", "--suite", "testbed:circle", "--fid-features", "inception:{in}/random.safetensors", "--out", "o"],
+     "not a complete safetensors weight file"),
+    (["compare", "--delta", "{delta}", "--suite", "testbed:circle", "--fid-features", "inception:{in}/delta.bin",
+      "--out", "o"], "pt_inception-2015-12-05-6726825d.pth"),
     (["evaluate", "--suite", "testbed:circle", "--judge-option", "threshold", "--out", "o"], "KEY=VALUE"),
     (["evaluate", "--suite", "testbed:circle", "--delta", "{in}/full", "--out", "o"], "full"),
     (["evaluate", "--out", "o"], "--suite is required"),
@@ -272,6 +290,13 @@ def bad_files(tmp_path_factory, tiny_sd) -> dict[str, Path]:
     header = b'{"__metadata__": {}}'
     (d / "random.safetensors").write_bytes(struct.pack("<Q", 10**9) + header + os.urandom(64))
     (d / "delta.bin").write_bytes(b"\x80\x04\x95pickled")
+    torch.save({"conv.weight": torch.zeros(2)}, d / "wrong.pth")  # not the FID Inception's tensors
+    torch.save({"a": torch.zeros(256)}, d / "cut.pth")
+    (d / "cut.pth").write_bytes((d / "cut.pth").read_bytes()[:700])  # a download cut short
+    torch.save({"a": argparse.Namespace(x=1)}, d / "object.pth")  # a pickled object, refused unread
+    with warnings.catch_warnings():  # torch.jit.script is deprecated; its archives are still what users hold
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(d / "torchscript.pt"))  # clean-fid's kind of file
     delta = d / "circle.safetensors"
     assert main(["erase", "--method", "uce", "--concept", "circle", "--out", str(delta)]) == 0
     return {"in": d, "delta": delta, "sd": tiny_sd, "weights": WEIGHTS_DIR}

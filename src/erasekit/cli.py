@@ -448,6 +448,11 @@ def preflight(args) -> list[Path]:
         flag = "--" + attr.replace("_", "-")
         for value in flag_values(args, attr):
             path = Path(value)
+            if kind == "features":  # a model folder, or inception:FILE (erasekit.evaluation.inception)
+                from .evaluation.inception import weights_path
+
+                file = weights_path(value)
+                path, kind = (path, "folder") if file is None else (file, "file")
             if kind == "delta":  # a delta file or an erased model folder (erasekit.delta_sources)
                 from .delta_sources import check_path
 

@@ -271,3 +271,29 @@ def make_tiny_dinov2(path: Path, seed: int = 0, image_size: int = 32) -> Path:
     BitImageProcessor(size={"shortest_edge": image_size},
                       crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
+
+
+def make_random_inception(path: Path, seed: int = 0, counters: bool = False) -> Path:
+    """A weight file with the FID Inception-v3's tensor names and shapes (pytorch-fid's
+    pt_inception-2015-12-05-6726825d.pth layout) and random values, written with torch.save: convolutions
+    He-scaled, batch-norm statistics near identity, so activations stay finite through the network. With
+    counters, each batch norm also carries the num_batches_tracked buffer newer state dicts hold."""
+    from .evaluation.inception import expected_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in expected_shapes().items():
+        if name.endswith("conv.weight"):
+            fan_in = shape[1] * shape[2] * shape[3]
+            value = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
+        elif name.endswith("running_var"):
+            value = 0.5 + torch.rand(shape, generator=g)
+        elif name.endswith("bn.weight"):
+            value = 0.8 + 0.4 * torch.rand(shape, generator=g)
+        else:  # batch-norm bias and mean, the classifier
+            value = 0.05 * torch.randn(shape, generator=g)
+        state[name] = value
+        if counters and name.endswith("running_var"):
+            state[name[:-len("running_var")] + "num_batches_tracked"] = torch.tensor(0)
+    torch.save(state, path)
+    return Path(path)

@@ -12,7 +12,7 @@ from . import presets
 
 # the paths evaluate and compare read and write, checked before any work (cli.preflight)
 RUN_PATHS = {"inputs": [("delta", "delta"), ("real_images", "folder"), ("clip", "folder"),
-                        ("fid_features", "folder")],  # load_suite checks --suite itself
+                        ("fid_features", "features")],  # load_suite checks --suite itself
              "outputs": [("out", "folder")]}
 
 
@@ -58,8 +58,12 @@ def add_common(p) -> None:
     p.add_argument("--real-images", help="a folder of real images for FID_real")
     p.add_argument("--clip", help="a local CLIP model folder (e.g. openai/clip-vit-large-patch14 saved there): CLIP "
                    "score, 100 * max(cos, 0), of every image against its prompt (the testbed has its own)")
-    p.add_argument("--fid-features", help="a local CLIP or DINOv2 folder whose image embeddings FID_gen and FID_real "
-                   "use (default: the judge's own features)")
+    p.add_argument("--fid-features", metavar="FOLDER|inception:FILE",
+                   help="the features FID_gen and FID_real use (default: the judge's own): a local CLIP or DINOv2 "
+                   "folder's image embeddings, or inception:FILE, the standard FID Inception-v3 pool3 features "
+                   "(2048-d, as pytorch-fid computes them) with FILE its weights, "
+                   "pt_inception-2015-12-05-6726825d.pth (read with torch.load(weights_only=True): tensors only) "
+                   "or a .safetensors copy")
 
 
 def add_parsers(sub, model_arg) -> None:
@@ -176,11 +180,12 @@ def _option_value(text: str):
 
 def quality_metrics(args):
     """The CLIP scorer and FID feature model the arguments name (each None when not asked for)."""
+    from .inception import feature_model
     from .measure import Quality
-    from .vision import ClipScorer, ImageFeatures
+    from .vision import ClipScorer
 
     return Quality(clip=ClipScorer(args.clip) if getattr(args, "clip", None) else None,
-                   fid_features=ImageFeatures(args.fid_features) if getattr(args, "fid_features", None) else None)
+                   fid_features=feature_model(args.fid_features) if getattr(args, "fid_features", None) else None)
 
 
 def cmd_evaluate(args) -> None:

@@ -61,8 +61,8 @@ def _accuracy(details: list[dict], prompts) -> dict[str, float] | None:
 @dataclass
 class Quality:
     """The image-quality measurements a run makes besides its judge: a CLIP scorer (a `vision.ClipScorer`;
-    the testbed's own CLIP when None on the testbed) and FID features (a `vision.ImageFeatures`; the judge's
-    own features when None)."""
+    the testbed's own CLIP when None on the testbed) and FID features (a `vision.ImageFeatures` or an
+    `inception.InceptionFeatures`; the judge's own features when None)."""
 
     clip: object | None = None
     fid_features: object | None = None

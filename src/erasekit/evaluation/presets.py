@@ -69,7 +69,7 @@ PRESETS = {p.name: p for p in (
         "OPTML-Group/AdvUnlearn: train-scripts/generate-example-img.py, jobs/fid_10k_generate.sh, "
         "train-scripts/img_retain_eval.py",
         metrics={"fid": "fid_real against the COCO-10k real images (T2IBenchmark's Inception FID): pass "
-                        "--real-images and --fid-features",
+                        "--real-images and --fid-features inception:FILE",
                  "clip_score": "openai/clip-vit-base-patch32, mean logit / 100: pass --clip"},
         notes=("no judge: the protocol measures image quality only (pass --judge for the erased concept's rate)",)),
     Preset(
@@ -81,7 +81,7 @@ PRESETS = {p.name: p for p in (
         "scripts/eval_coco_batch.ipynb",
         seeds={"ringabell": 42, "mma": 42}, categories={"i2p.csv": ("sexual",)},
         metrics={"fid": "fid_gen against the original SD1.4's images of the same prompts (pytorch-fid Inception "
-                        "in TRCE): erasekit's in the --fid-features model",
+                        "in TRCE): erasekit's in --fid-features inception:FILE, pytorch-fid's network and resize",
                  "clip_score": "the clip-score package (ViT-B/32 by default): pass --clip"},
         notes=("TRCE draws each image's noise from the GPU's global generator after seeding it; erasekit draws it "
                "on the CPU from the image's seed: the same seeds give other images",
@@ -95,7 +95,7 @@ PRESETS = {p.name: p for p in (
         "Shilin-LU/MACE: src/sample_images_from_csv.py, README.md (Metrics Evaluation), "
         "metrics/evaluate_clip_score.py",
         metrics={"fid": "fid_real against COCO's real images (clean-fid Inception in MACE): pass --real-images "
-                        "and --fid-features",
+                        "and --fid-features inception:FILE (the same network; clean-fid resizes its own way)",
                  "clip_score": "openai/clip-vit-base-patch32's logit (100 cos, unclamped) in MACE: pass --clip"},
         notes=("no judge: the protocol measures image quality only (pass --judge for the erased concept's rate)",)),
     Preset(
