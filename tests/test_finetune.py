@@ -454,23 +454,30 @@ def test_score_bool_masks_train_what_float_gradient_masks_trained(model, monkeyp
     assert all(torch.equal(new.tensors[k], old.tensors[k]) for k in new.tensors)
 
 
-def test_score_backpropagates_each_term_at_once_to_the_same_delta(model, monkeypatch):
-    """SCORE frees each term's graph by backpropagating it as soon as it is made; the delta equals the one a
-    single backward of the summed loss gives (gradients add: equal up to float32 summation order)."""
-    from erasekit.finetune import loop, score
+@pytest.mark.parametrize("name, module, values", [
+    ("score", "score", {"saliency_prompts": "2", "sampler_steps": "4"}),
+    ("trce", "trce2", {"trajectory_steps": "4"})])  # stage 2 on stage 1 (alone its hinge is 0 here)
+def test_terms_backpropagated_at_once_give_the_delta_of_one_summed_backward(model, monkeypatch, name, module, values):
+    """SCORE and TRCE stage 2 free each term's graph by backpropagating it as soon as it is made (three
+    trained-model forwards a step each); the delta equals the one a single backward of the summed loss gives
+    (gradients add: equal up to float32 summation order)."""
+    import importlib
 
-    method = methods.get("score")
-    values = {"steps": "3", "sampler_steps": "4", "progress": "false", "saliency_prompts": "2"}
+    from erasekit.finetune import loop
+
+    mod = importlib.import_module(f"erasekit.finetune.{module}")
+    method = methods.get(name)
+    values = {"steps": "3", "progress": "false", **values}
     calls = []
 
     def counting(term, cfg):
         calls.append(term.requires_grad)
         return loop.backward_now(term, cfg)
 
-    monkeypatch.setattr(score, "backward_now", counting)
+    monkeypatch.setattr(mod, "backward_now", counting)
     early = method.erase(model, spec(), methods.build_config(method, values, testbed=True))
     assert calls and all(calls) and len(calls) == 3 * 3  # three terms a step, each with a graph
-    monkeypatch.setattr(score, "backward_now", lambda term, cfg: term)  # the summed loss, one backward
+    monkeypatch.setattr(mod, "backward_now", lambda term, cfg: term)  # the summed loss, one backward
     summed = method.erase(model, spec(), methods.build_config(method, values, testbed=True))
     assert set(early.tensors) == set(summed.tensors) and early.tensors
     base = {k: model.parameter(k).detach() for k in early.tensors}
