@@ -35,7 +35,7 @@ RUNS = {  # name -> (method, settings)
     "trce-stage2": ("trce-stage2", {"trajectory_steps": "4"}),
     "co-erasing (esd-x)": ("co-erasing", {"images": "1", "sampler_steps": "2"}),
     "score (esd-all)": ("score", {"saliency_prompts": "1", "sampler_steps": "2"}),
-    "advunlearn (text-encoder)": ("advunlearn", {"sampler_steps": "2", "warmup_steps": "0", "attack_steps": "1"}),
+    "advunlearn (text-encoder)": ("advunlearn", {"sampler_steps": "2", "warmup_steps": "1", "attack_steps": "1"}),
 }
 
 

@@ -404,12 +404,13 @@ def _float_storage_bytes(model, shapes: set) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("name, extra", [("esd", {}), ("score", {"saliency_prompts": "1"})])
+# SCORE has backpropagated its terms when the loop sees its loss (backward_now): its gradient is made by then
+@pytest.mark.parametrize("name, extra, grads", [("esd", {}, 0), ("score", {"saliency_prompts": "1"}, 1)])
 def test_training_holds_one_frozen_copy_beside_the_trained_tensors_and_adams_moments(model, monkeypatch, name,
-                                                                                    extra):
-    """At the second step's loss (gradients not made yet) the loop holds the trained tensors, one frozen copy
-    of their starting values and Adam's two moments: 4x their size in float32, nothing more (SCORE's masks
-    are bool)."""
+                                                                                    extra, grads):
+    """At the second step's loss the loop holds the trained tensors, one frozen copy of their starting values
+    and Adam's two moments (and the gradient, where the loss has made it): 4x (5x) their size in float32,
+    nothing more (SCORE's masks are bool)."""
     from erasekit.finetune import loop
 
     named = params.select(model, "esd-all")
@@ -429,7 +430,8 @@ def test_training_holds_one_frozen_copy_beside_the_trained_tensors_and_adams_mom
                                         "parameters": "esd-all", **extra}, testbed=True)
     before = _float_storage_bytes(model, shapes) / trained  # the parameters (1x) and whatever earlier tests left
     method.erase(model, spec(), cfg)
-    assert len(seen) == 1 and 2.99 < seen[0] - before < 3.05, (seen, before)  # + frozen copy + Adam's two
+    extra_copies = 3 + grads  # frozen copy + Adam's two moments (+ the gradient)
+    assert len(seen) == 1 and extra_copies - 0.01 < seen[0] - before < extra_copies + 0.05, (seen, before)
 
 
 def test_score_bool_masks_train_what_float_gradient_masks_trained(model, monkeypatch):
@@ -450,6 +452,48 @@ def test_score_bool_masks_train_what_float_gradient_masks_trained(model, monkeyp
     old = method.erase(model, spec(), methods.build_config(method, values, testbed=True))
     assert set(new.tensors) == set(old.tensors) and new.tensors
     assert all(torch.equal(new.tensors[k], old.tensors[k]) for k in new.tensors)
+
+
+@pytest.mark.parametrize("name, module, values", [
+    ("score", "score", {"saliency_prompts": "2", "sampler_steps": "4"}),
+    ("trce", "trce2", {"trajectory_steps": "4"})])  # stage 2 on stage 1 (alone its hinge is 0 here)
+def test_terms_backpropagated_at_once_give_the_delta_of_one_summed_backward(model, monkeypatch, name, module, values):
+    """SCORE and TRCE stage 2 free each term's graph by backpropagating it as soon as it is made (three
+    trained-model forwards a step each); the delta equals the one a single backward of the summed loss gives
+    (gradients add: equal up to float32 summation order)."""
+    import importlib
+
+    from erasekit.finetune import loop
+
+    mod = importlib.import_module(f"erasekit.finetune.{module}")
+    method = methods.get(name)
+    values = {"steps": "3", "progress": "false", **values}
+    calls = []
+
+    def counting(term, cfg):
+        calls.append(term.requires_grad)
+        return loop.backward_now(term, cfg)
+
+    monkeypatch.setattr(mod, "backward_now", counting)
+    early = method.erase(model, spec(), methods.build_config(method, values, testbed=True))
+    assert calls and all(calls) and len(calls) == 3 * 3  # three terms a step, each with a graph
+    monkeypatch.setattr(mod, "backward_now", lambda term, cfg: term)  # the summed loss, one backward
+    summed = method.erase(model, spec(), methods.build_config(method, values, testbed=True))
+    assert set(early.tensors) == set(summed.tensors) and early.tensors
+    base = {k: model.parameter(k).detach() for k in early.tensors}
+    assert any(not torch.equal(early.tensors[k], base[k]) for k in base)
+    for k in early.tensors:
+        torch.testing.assert_close(early.tensors[k], summed.tensors[k], rtol=1e-5, atol=1e-6)
+
+
+def test_backward_now_adds_the_gradient_the_loop_would_have(model):
+    from erasekit.finetune.loop import LoopConfig, backward_now
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    cfg = LoopConfig(grad_accum=2)
+    out = backward_now((w ** 2).sum(), cfg) + backward_now((3 * w).sum(), cfg)
+    assert not out.requires_grad and float(out) == pytest.approx(5.0 + -3.0)
+    torch.testing.assert_close(w.grad, (2 * w.detach() + 3) / 2)  # the loop's 1/grad_accum scale
 
 
 def test_a_teacher_with_fixed_values_shares_the_starting_values(model):

@@ -107,6 +107,17 @@ def _autocast(model: Model, cfg: LoopConfig):
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
+def backward_now(term: torch.Tensor, cfg: LoopConfig) -> torch.Tensor:
+    """Backpropagate one term of a step's loss at once, scaled as the loop scales the whole loss, and return
+    it detached. A loss of several terms, each with its own forward through the trained model, calls this on
+    each as it is made, so one term's graph is freed before the next is built (peak activations are the
+    largest term's, not the sum of all); gradients add, so the step's gradient is the same."""
+    if term.requires_grad:
+        with torch.autocast(term.device.type, enabled=False):
+            (term / cfg.grad_accum).backward()
+    return term.detach()
+
+
 def _distributed():
     from ..evaluation.runner import distributed_state
 
@@ -158,7 +169,8 @@ def run(model: Model, named: dict[str, torch.nn.Parameter], loss_fn: Callable, c
             with _autocast(model, cfg):
                 loss, logs = loss_fn(step, gen)
             zero.add(loss, logs)
-            (loss / cfg.grad_accum).backward()
+            if loss.requires_grad:  # a loss that backpropagated its terms itself (backward_now) returns none
+                (loss / cfg.grad_accum).backward()
         if world > 1:
             _average_gradients(params, world)
         if cfg.max_grad_norm > 0:

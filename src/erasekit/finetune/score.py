@@ -25,7 +25,7 @@ from ..delta import Delta
 from ..errors import UserError
 from ..model import Model
 from . import esd
-from .loop import record, rollout_noise, train_and_restore
+from .loop import backward_now, record, rollout_noise, train_and_restore
 from .params import Frozen, only_these_trainable, select
 
 # ESD's testbed settings, with SCORE's own trajectory term in place of ESD's preserve_weight. With 5% of
@@ -151,8 +151,11 @@ class SCORELoss:
         return self.model.convert(x_t, t, self.model.raw(x_t, t, emb)).x0
 
     def __call__(self, step: int, gen: torch.Generator):
+        """One step's loss, each of its three terms backpropagated as soon as it is made (backward_now): the
+        trained model's three graphs are never held together. Returns the detached total."""
         m, cfg, bce = self.model, self.cfg, nn.functional.binary_cross_entropy_with_logits
         erase, logs = self.erase(step, gen)
+        erase = backward_now(erase, cfg)
         i = int(torch.randint(0, len(self.anchor), (1,), generator=gen))
         k = int(torch.randint(0, cfg.sampler_steps, (1,), generator=gen))
         noise = rollout_noise(m, cfg, gen)
@@ -170,9 +173,11 @@ class SCORELoss:
             self.adv.opt.step()
         accuracy = float(((logits > 0).float() == torch.tensor([1.0, 0.0])).float().mean())
         adv = bce(self.adv.disc(target_x0, tt), torch.tensor([0.5]))
+        total = erase + backward_now(cfg.adv_weight * adv, cfg)
+        del target_x0
         keep = esd.output_drift(m, self.frozen, self.keep, x_t, t, gen)
-        total = erase + cfg.adv_weight * adv + cfg.traj_weight * keep
-        return total, {**logs, "disc_accuracy": accuracy, "erase": round(float(erase.detach()), 6),
+        total = total + backward_now(cfg.traj_weight * keep, cfg)
+        return total, {**logs, "disc_accuracy": accuracy, "erase": round(float(erase), 6),
                        "adv": round(float(adv.detach()), 5), "keep": round(float(keep.detach()), 8)}
 
 

@@ -32,7 +32,7 @@ from ..delta import Delta
 from ..errors import UserError
 from ..methods.trce import stage1_pairs
 from ..model import Model, split_key
-from .loop import LoopConfig, record, rollout_size, train_and_restore
+from .loop import LoopConfig, backward_now, record, rollout_size, train_and_restore
 from .params import Frozen, select
 
 REFERENCES = ("original", "stage1")
@@ -135,14 +135,17 @@ class TRCEStage2Loss:
         f_safe = self._guided_ref(z, t, self.ref_s[i:i + 1]).float()
         f_unsafe = self._guided_ref(z, t, self.ref_m[i:i + 1]).float()
         mse = torch.nn.functional.mse_loss
-        hinge = [torch.relu(mse(a, f_safe) - mse(a, f_unsafe) + cfg.margin)
-                 for a in (m.raw(z, t, c_m).float(), m.raw(z, t, self.empty).float())]
-        erase = torch.stack(hinge).mean()
+
+        def hinge(cond):  # each of the three trained-model terms is backpropagated as made (backward_now)
+            a = m.raw(z, t, cond).float()
+            return backward_now(torch.relu(mse(a, f_safe) - mse(a, f_unsafe) + cfg.margin) / 2, cfg)
+
+        erase = hinge(c_m) + hinge(self.empty)  # the mean of the two hinges
         c_u = self.c_keep[j:j + 1]
         keep = mse(m.raw(z_u, t, c_u).float(), self.stage1.raw(z_u, t, c_u).float())
-        return erase + cfg.preserve_weight * keep, {"erase": round(float(erase.detach()), 6),
-                                                     "preserve": round(float(keep.detach()), 8),
-                                                     "signal": round(float(mse(f_safe, f_unsafe)), 6)}
+        total = erase + backward_now(cfg.preserve_weight * keep, cfg)
+        return total, {"erase": round(float(erase), 6), "preserve": round(float(keep.detach()), 8),
+                       "signal": round(float(mse(f_safe, f_unsafe)), 6)}
 
 
 def erase(model: Model, spec: ConceptSpec, cfg: TRCEStage2Config | None = None,
