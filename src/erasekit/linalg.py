@@ -52,7 +52,8 @@ def uce_solve(w0: Tensor, erase_keys: Tensor, erase_values: Tensor, preserve_key
     if preserve_keys is not None and preserve_keys.shape[-2] > 0:
         metric = metric + preserve_scale * gram(preserve_keys)
     residual = erase_values.double() - keys @ w0.transpose(-1, -2)  # (B, N, out): v*_i - W0 c_i
-    return w0 + erase_scale * residual.transpose(-1, -2) @ right_solve(keys, metric)
+    factor = right_solve(keys, metric).expand(w0.shape[0], -1, -1)  # (B, N, d)
+    return torch.baddbmm(w0, residual.transpose(-1, -2), factor, alpha=erase_scale)  # one pass over W0
 
 
 def prior_solve(w0: Tensor, source_keys: Tensor, target_keys: Tensor, prior: Tensor | None = None,

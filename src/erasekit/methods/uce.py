@@ -30,7 +30,7 @@ from ..concepts import ConceptSpec
 from ..delta import Delta
 from ..linalg import uce_solve
 from ..model import CONTEXT, Model
-from .common import Encodings, KVStack, paired_inputs, single_inputs
+from .common import THROUGH_EOT, Encodings, KVStack, paired_inputs, single_inputs
 
 TESTBED = {"positions": "aligned"}
 
@@ -68,7 +68,7 @@ def group_keys(encodings: Encodings, reads: str, prompts, positions: str):
 def erase_keys(model: Model, spec: ConceptSpec, positions: str, synonyms: bool = True,
                encodings: Encodings | None = None, later: list[str] = ()):
     """(target key rows, anchor key rows, preserve key rows or None) of a spec in the context rows."""
-    encodings = encodings or Encodings(model)
+    encodings = encodings or Encodings(model, through_eot=positions in THROUGH_EOT)
     return group_keys(encodings, CONTEXT, edit_prompts(spec, synonyms, encodings, later), positions)
 
 
@@ -83,7 +83,7 @@ def erase(model: Model, spec: ConceptSpec, cfg: UCEConfig | None = None) -> Delt
     cfg = cfg or UCEConfig()
     start = time.time()
     groups = KVStack.groups(model, cfg.layers)
-    encodings = Encodings(model, [kv.reads for kv in groups], cfg.feature_steps)
+    encodings = Encodings(model, [kv.reads for kv in groups], cfg.feature_steps, cfg.positions in THROUGH_EOT)
     prompts = edit_prompts(spec, cfg.synonyms, encodings)
     changes, keys_per_input, change = {}, {}, {}
     preserve_count = 0
