@@ -75,18 +75,19 @@ def max_rel_diff(delta, ref) -> float:
 def floor(model, spec) -> dict:
     """The edit's unavoidable work timed alone: one batched encode of its distinct prompts (through [EoT] where
     the family allows) and the solve on keys already in hand (the K/V stack built beforehand, untimed)."""
+    from erasekit.linalg import uce_guided
     from erasekit.methods import uce
     from erasekit.methods.common import THROUGH_EOT, Encodings, KVStack
 
     cfg = uce.UCEConfig()
-    kv = KVStack(model)
+    kv = KVStack(model, stacked=False)
     encodings = Encodings(model, through_eot=cfg.positions in THROUGH_EOT)
     t0 = time.perf_counter()
     prompts = uce.edit_prompts(spec, cfg.synonyms, encodings)
     encode_s = time.perf_counter() - t0
     keys, guides, preserve_keys = uce.group_keys(encodings, kv.reads, prompts, cfg.positions)
     t0 = time.perf_counter()
-    uce.solve(kv, keys, kv.values(guides), preserve_keys, cfg)
+    uce_guided(kv.weights, keys, guides, preserve_keys, lam=cfg.lam)
     solve_s = time.perf_counter() - t0
     return {"floor_s": round(encode_s + solve_s, 4), "floor_encode_s": round(encode_s, 4),
             "floor_solve_s": round(solve_s, 4)}

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import samplers
 from .errors import UserError
+from .shared_rows import only_distinct_rows
 
 
 @dataclass
@@ -223,9 +224,10 @@ class Model:
     def encode(self, prompts: list[str] | str, batch_size: int = 64, through_eot: bool = False) -> Encoded:
         """Encode prompts exactly as StableDiffusionPipeline.encode_prompt does, in batches. through_eot: a
         caller that reads no row after a prompt's [EoT] lets a family whose rows_ignore_padding encode the
-        prompts sorted by length, each batch only through its longest prompt's [EoT]: every prompt's rows up to
-        its [EoT] are the padded encoding's, the rows after it filler (zero context rows; the result's
-        through_eot says so) up to the longest prompt's [EoT]. Other families pad as ever."""
+        prompts in token order, each batch only through its longest prompt's [EoT], its Linear layers computing
+        one row per distinct token prefix (erasekit.shared_rows): every prompt's rows up to its [EoT] are the
+        padded encoding's, the rows after it filler (the result's through_eot says so) up to the longest
+        prompt's [EoT]. Other families pad as ever."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("the prompt list is empty: give at least one prompt")
@@ -239,15 +241,17 @@ class Model:
         if not short:
             cond = torch.cat([self.encode_tokens(ids[i:i + batch_size], mask[i:i + batch_size])
                               for i in range(0, len(prompts), batch_size)])
-        else:  # prompts sorted by length, each batch encoded through its longest [EoT], filler rows after it
+        else:  # prompts in token order (shared prefixes side by side), each batch through its longest [EoT]
             length = int(eot.max()) + 1
             ids, mask = ids[:, :length], mask[:, :length]
-            order = torch.argsort(eot, stable=True)
+            listed = ids.tolist()
+            order = torch.tensor(sorted(range(len(prompts)), key=lambda i: listed[i][:int(eot[i]) + 1]))
             parts = []
             for i in range(0, len(prompts), batch_size):
                 rows = order[i:i + batch_size]
                 cut = int(eot[rows].max()) + 1
-                part = self.encode_tokens(ids[rows, :cut], mask[rows, :cut])
+                with only_distinct_rows(self.text_encoders(), ids[rows, :cut], eot[rows]):
+                    part = self.encode_tokens(ids[rows, :cut], mask[rows, :cut])
                 rest = self.context(part)
                 parts.append(self.extend_context(part, rest.new_zeros(len(rows), length - cut, rest.shape[-1])))
             cond = torch.cat(parts)[torch.argsort(order)]

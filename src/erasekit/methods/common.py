@@ -3,6 +3,8 @@ input the layers read (Model.cross_attention_layers, Model.edit_features)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import UserError
@@ -192,7 +194,9 @@ class KVStack:
     solve edits every layer at once. Layers that read other inputs (FLUX's pooled projection, its blocks'
     text streams) form their own stacks: `groups`."""
 
-    def __init__(self, model: Model, layers: str = "default", reads: str = CONTEXT, found=None):
+    def __init__(self, model: Model, layers: str = "default", reads: str = CONTEXT, found=None, stacked: bool = True):
+        """stacked: take the float64 stack `w0` now, a snapshot of the weights as they are (what the solvers that
+        read it need); False leaves it to be built on first use, for an edit that reads `weights` at once."""
         self.reads = reads
         self.layers = [la for la in (found or model.cross_attention_layers(layers)) if la.reads == reads]
         if not self.layers:
@@ -200,15 +204,26 @@ class KVStack:
                             f"{layers!r}: use --set layers= one of {', '.join(model.edit_layer_sets())}")
         self.names = [la.name for la in self.layers]
         self.sizes = [la.weight.shape[0] for la in self.layers]
-        self.w0 = torch.empty(sum(self.sizes), self.layers[0].weight.shape[1], dtype=torch.float64)
-        for rows, la in zip(self.w0.split(self.sizes), self.layers):  # each weight copied once, into place
-            rows.copy_(la.weight.detach())
+        self.weights = [la.weight.detach() for la in self.layers]  # the modules' own tensors, not copies
+        if stacked:
+            self.w0 = self.stack()
+
+    @functools.cached_property
+    def w0(self) -> torch.Tensor:
+        return self.stack()
+
+    def stack(self) -> torch.Tensor:
+        """(sum_out, d) float64 stack of the weights, each copied once, into place."""
+        w0 = torch.empty(sum(self.sizes), self.weights[0].shape[1], dtype=torch.float64)
+        for rows, w in zip(w0.split(self.sizes), self.weights):
+            rows.copy_(w)
+        return w0
 
     @classmethod
-    def groups(cls, model: Model, layers: str = "default") -> list[KVStack]:
+    def groups(cls, model: Model, layers: str = "default", stacked: bool = True) -> list[KVStack]:
         """One stack per input the layers of `layers` read, in the order the family lists them."""
         found = model.cross_attention_layers(layers)
-        return [cls(model, layers, reads, found) for reads in dict.fromkeys(la.reads for la in found)]
+        return [cls(model, layers, reads, found, stacked) for reads in dict.fromkeys(la.reads for la in found)]
 
     def values(self, keys: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs of every layer for key rows (N, d): (N, sum_out). Each distinct row is multiplied once (a
