@@ -106,3 +106,21 @@ def test_encodings_join_batches_of_different_lengths(tiny_sd):
     assert both.through_eot and len(enc.batches) == 2
     assert torch.allclose(both.rows(both.key), full.rows(full.key), atol=1e-5)
     assert torch.allclose(both.rows(both.eot), full.rows(full.eot), atol=1e-5)
+
+
+def test_shared_prefixes_are_computed_once_and_equal_the_full_rows(tiny_sd):
+    """Prompts that begin alike share their prefix rows: the Linear layers run one row per distinct prefix up
+    to each [EoT], and every row up to [EoT] is still the padded encoding's."""
+    from erasekit.shared_rows import distinct_rows
+
+    model = erasekit.load(tiny_sd)
+    prompts = ["a photo of a cat", "a photo of a dog", "a photo of a", "cat"]
+    full, short = model.encode(prompts), model.encode(prompts, through_eot=True)
+    ids = short.input_ids
+    first, where = distinct_rows(ids, short.eot)
+    assert len(first) < int((short.eot + 1).sum())  # fewer rows computed than read
+    assert int((where >= 0).sum()) == int((short.eot + 1).sum()) and int(where.max()) == len(first) - 1
+    for i, e in enumerate(full.eot.tolist()):
+        assert torch.allclose(short.embeddings[i, :e + 1], full.embeddings[i, :e + 1], atol=1e-5)
+    before = {id(m): m.__dict__.get("forward") for m in model.text_encoder.modules()}
+    assert all(v is None for v in before.values())  # the Linear layers are themselves again afterwards
