@@ -44,7 +44,8 @@ def only_distinct_rows(encoders, ids: torch.Tensor, eot: torch.Tensor):
     rows distinct_rows names (module docstring); calls of other shapes (a pooled projection) run as ever."""
     first, where = distinct_rows(ids, eot)
     shape = tuple(ids.shape)
-    needed = where >= 0
+    after = (where < 0)[:, None]  # rows after [EoT]
+    source = where.clamp(min=0)
     patched = []
 
     def rows_once(linear: torch.nn.Linear):
@@ -53,8 +54,7 @@ def only_distinct_rows(encoders, ids: torch.Tensor, eot: torch.Tensor):
                 return torch.nn.functional.linear(x, linear.weight, linear.bias)
             flat = x.reshape(-1, x.shape[-1])
             y = torch.nn.functional.linear(flat[first.to(x.device)], linear.weight, linear.bias)
-            out = y.new_zeros(flat.shape[0], y.shape[-1])
-            out[needed.to(x.device)] = y[where[needed].to(x.device)]
+            out = y.index_select(0, source.to(x.device)).masked_fill_(after.to(x.device), 0.0)
             return out.view(*shape, -1)
         return forward
 
