@@ -31,6 +31,21 @@ def test_uce_solve_matches_the_per_layer_formula(gen):
         assert torch.allclose(got[b], a @ torch.linalg.inv(m), atol=1e-10)
 
 
+def test_uce_guided_equals_uce_solve_with_guide_values(gen):
+    """Layer by layer on the weights as they are (float64 and float32 layers of different heights): the same W
+    as uce_solve with v*_i = W0 g_i, and the relative change of each layer."""
+    d, ne, npres = 10, 4, 6
+    weights = [rand(gen, 7, d), rand(gen, 3, d).float()]
+    c, g, p = rand(gen, ne, d), rand(gen, ne, d), rand(gen, npres, d)
+    new, change = linalg.uce_guided(weights, c, g, p, lam=0.5, erase_scale=1.3, preserve_scale=0.7)
+    for w, got, moved in zip(weights, new, change):
+        ref = linalg.uce_solve(w.double()[None], c, (g @ w.double().T)[None], p, lam=0.5, erase_scale=1.3,
+                               preserve_scale=0.7)[0]
+        tol = 1e-10 if w.dtype == torch.float64 else 1e-5
+        assert got.dtype == w.dtype and torch.allclose(got.double(), ref, atol=tol * ref.abs().max())
+        assert moved == pytest.approx(float((ref - w.double()).norm() / w.double().norm()), rel=1e-4)
+
+
 def test_uce_with_per_layer_keys_and_float32_input(gen):
     w0, c = rand(gen, 2, 5, 8).float(), rand(gen, 2, 3, 8).float()
     v = rand(gen, 2, 3, 5)

@@ -1,5 +1,6 @@
-"""Published defaults and prompt building (UCE, RECE), fixed so that a change to them is deliberate; the public
-setting names as aliases; one encode per distinct prompt. docs/METHODS.md, "Defaults beside the public code"."""
+"""Published defaults and prompt building (UCE, RECE, ESD, Co-Erasing, TRCE), fixed so that a change to them is
+deliberate; the public setting names as aliases; one encode per distinct prompt. docs/METHODS.md, "Defaults beside the
+public code"."""
 
 from __future__ import annotations
 
@@ -170,3 +171,75 @@ def test_the_benchmark_baseline_is_the_public_structure_and_agrees(tiny_sd):
     ref = public_uce(model, edit, guides, keep, dtype=torch.float64)
     delta = uce.erase(model, spec)
     assert max(float((delta.tensors[k].double() - v).norm() / v.norm()) for k, v in ref.items()) < 1e-5
+
+
+def test_esd_defaults_are_fixed():
+    """esd_sd.py (rohitgandikota/erasing at 25613d2): --iterations 200, --lr 5e-5, Adam, --guidance_scale 3,
+    --num_inference_steps 50, the empty prompt as the negative guidance's reference; eta 1 in the paper's target
+    f("") - eta (f(c) - f("")) is esd_sd.py's --negative_guidance 2 in its f(c) - g (f(c) - f("")): the same target
+    2 f("") - f(c) (METHODS)."""
+    from erasekit.finetune import esd
+
+    d = defaults(esd.ESDConfig)
+    assert {k: d[k] for k in ("parameters", "steps", "lr", "optimizer", "eta", "guidance", "sampler_steps", "guide",
+                              "preserve_weight", "height", "width")} == {
+        "parameters": "esd-x", "steps": 200, "lr": 5e-5, "optimizer": "adam", "eta": 1.0, "guidance": 3.0,
+        "sampler_steps": 50, "guide": "empty", "preserve_weight": 0.0, "height": 0, "width": 0}
+
+
+def public_esd_parameters(unet, train_method: str) -> set[str]:
+    """The names esd_sd.py's get_esd_trainable_parameters (lines 24-50) picks, by its rule (read, not copied):
+    the parameters of Linear and Conv2d modules (and diffusers' LoRA-compatible ones), chosen by module name."""
+    chosen = set()
+    for name, module in unet.named_modules():
+        if type(module).__name__ not in ("Linear", "Conv2d", "LoRACompatibleLinear", "LoRACompatibleConv"):
+            continue
+        if {"esd-x": "attn2" in name, "esd-u": "attn2" not in name, "esd-all": True,
+                "esd-x-strict": "attn2.to_k" in name or "attn2.to_v" in name}[train_method]:
+            chosen |= {f"{name}.{p}" for p, _ in module.named_parameters()}
+    return chosen
+
+
+@pytest.mark.parametrize("train_method", ["esd-x", "esd-x-strict", "esd-u", "esd-all"])
+def test_esd_parameter_sets_are_the_public_codes(tiny_sd, train_method):
+    """No norm layer is trained: esd-u and esd-all hold the Linear and Conv2d weights and biases only."""
+    from erasekit.finetune import params
+
+    model = erasekit.load(tiny_sd)
+    chosen = set(params.select(model, train_method))
+    assert chosen == public_esd_parameters(model.unet, train_method)
+    norms = {n for n, m in model.unet.named_modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
+    assert norms and not any(name.rsplit(".", 1)[0] in norms for name in chosen)
+
+
+def test_co_erasing_defaults_are_fixed():
+    """Co-Erasing (Ferry-Li/Co-Erasing at f9b06b0) runs on ESD's settings in erasekit; what it adds: 200 images
+    (README step 3, --image_number 200), text guidance on (--text_guide), the stage-1 steps those of stage 2;
+    --negative_guidance 1.0 = eta. The differences (lr 1e-5, 1000/1500 iterations, noxattn/full, blur, the IP-Adapter's
+    own K/V) are named in METHODS."""
+    from erasekit.finetune import coerasing, esd
+
+    d, e = defaults(coerasing.CoErasingConfig), defaults(esd.ESDConfig)
+    assert {k: d[k] for k in e} == e  # ESD's settings, unchanged
+    assert {k: d[k] for k in set(d) - set(e)} == {"images": 200, "text_guided": True, "image_encoder": "testbed",
+                                                  "allow_pickle_weights": False, "stage1_steps": 0}
+    assert d["eta"] == 1.0 and d["sampler_steps"] == 50
+
+
+def test_trce_defaults_are_fixed():
+    """TRCE (ddgoodgood/TRCE at 0da9b71, config/stage1/stage1_sexual_default.yaml and stage2_sexual_default.yaml):
+    stage 1 preserve_scale 0.01 (eta), 15 templates (augment_num), the [EoT] row (token_weight_scale [0,1,0,0]);
+    stage 2 learning_rate 1e-6 with AdamW, guidance 15 (erasekit's beta), margin 0.01, preserve_scale 100,
+    max_early_timestep 25 (26 of 50 steps), attn1 and attn2.to_q trained."""
+    from erasekit.finetune import params, trce2
+    from erasekit.methods import trce
+
+    s1 = defaults(trce.TRCEStage1Config)
+    assert (s1["eta"], s1["positions"], s1["templates"], len(trce.TRCE_TEMPLATES)) == (0.01, "eot", "trce", 15)
+    s2 = defaults(trce2.TRCEStage2Config)
+    assert {k: s2[k] for k in ("lr", "optimizer", "beta", "margin", "preserve_weight", "trajectory_steps",
+                               "early_fraction", "reference", "preserve", "steps")} == {
+        "lr": 1e-6, "optimizer": "adamw", "beta": 15.0, "margin": 0.01, "preserve_weight": 100.0,
+        "trajectory_steps": 50, "early_fraction": 0.52, "reference": "original", "preserve": "empty", "steps": 300}
+    assert round(s2["early_fraction"] * s2["trajectory_steps"]) == 25 + 1
+    assert params.PARAMETER_SETS["trce"] == (r"attn1\.", r"attn2\.to_q\.")

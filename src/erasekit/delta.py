@@ -120,7 +120,7 @@ class Delta:
         """A delta from new values of some of model's parameters (model must still hold the base values)."""
         from . import __version__
 
-        old = {name: model.parameter(name) for name in new}
+        old = model.parameters_of(new)
         return cls(tensors={k: v.detach().to("cpu", torch.float32).contiguous() for k, v in new.items()},
                    method=method, config=dict(config or {}), base=model.identity(), base_hash=tensor_hash(old),
                    stats=dict(stats or {}), version=__version__)

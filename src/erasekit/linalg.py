@@ -52,7 +52,38 @@ def uce_solve(w0: Tensor, erase_keys: Tensor, erase_values: Tensor, preserve_key
     if preserve_keys is not None and preserve_keys.shape[-2] > 0:
         metric = metric + preserve_scale * gram(preserve_keys)
     residual = erase_values.double() - keys @ w0.transpose(-1, -2)  # (B, N, out): v*_i - W0 c_i
-    return w0 + erase_scale * residual.transpose(-1, -2) @ right_solve(keys, metric)
+    factor = right_solve(keys, metric).expand(w0.shape[0], -1, -1)  # (B, N, d)
+    return torch.baddbmm(w0, residual.transpose(-1, -2), factor, alpha=erase_scale)  # one pass over W0
+
+
+def uce_guided(weights: list[Tensor], keys: Tensor, guide_keys: Tensor, preserve_keys: Tensor | None = None,
+               lam: float = 0.5, erase_scale: float = 1.0, preserve_scale: float = 1.0
+               ) -> tuple[list[Tensor], list[float]]:
+    """uce_solve for UCE's own values, each layer's output for a guide key (v*_i = W0 g_i), layer by layer in
+    the weights' own dtype and without stacking or copying them: the residual is W0 (G - C)^T, so
+
+    W = W0 + s_e W0 (G - C)^T (C M^-1),   M = lam I + s_e C^T C + s_p P^T P.
+
+    The small factors (M's Cholesky factor, C M^-1, G - C) are float64; the two products with each W0 run in
+    its dtype (float32: about 1e-7 relative error in the update). weights: [(out_l, d)]; keys, guide_keys:
+    (N, d) paired rows. Returns the new weights and each layer's relative Frobenius change ||W - W0|| / ||W0||,
+    taken from the rank-N factors (||U F||^2 = sum((U^T U) * (F F^T))) without forming W - W0 again."""
+    keys = keys.double().cpu()
+    d = keys.shape[-1]
+    metric = lam * torch.eye(d, dtype=torch.float64) + erase_scale * gram(keys)
+    if preserve_keys is not None and preserve_keys.shape[-2] > 0:
+        metric = metric + preserve_scale * gram(preserve_keys.double().cpu())
+    factor = right_solve(keys, metric)  # (N, d): C M^-1
+    factor_gram = factor @ factor.T
+    diff = guide_keys.double().cpu() - keys  # (N, d): G - C
+    new, change = [], []
+    for w in weights:
+        residual = w @ diff.to(w.device, w.dtype).T  # (out, N): v*_i - W0 c_i
+        new.append(torch.addmm(w, residual, factor.to(w.device, w.dtype), alpha=erase_scale))
+        r = residual.double().cpu()
+        moved = erase_scale * float((r.T @ r * factor_gram).sum().clamp(min=0).sqrt())
+        change.append(moved / float(torch.linalg.vector_norm(w, dtype=torch.float64)))
+    return new, change
 
 
 def prior_solve(w0: Tensor, source_keys: Tensor, target_keys: Tensor, prior: Tensor | None = None,

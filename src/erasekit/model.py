@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import samplers
 from .errors import UserError
+from .shared_rows import only_distinct_rows
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Encoded:
     eot: torch.Tensor  # (N,) first end-of-text ([SEP] for BERT-style encoders) position, from the ids
     truncated: list[bool]
     conditioning: torch.Tensor | None = None  # what the denoiser is called with, when it is more than embeddings
+    through_eot: bool = False  # rows after each prompt's [EoT] are not the model's: encoded at the batch's
+    # longest prompt's length (Model.encode(through_eot=True)) or filler; a reader takes none of them
 
     @property
     def cond(self) -> torch.Tensor:
@@ -45,7 +48,7 @@ class Encoded:
 
     @property
     def padding(self) -> torch.Tensor:
-        """(N, L) bool: positions after [EoT]."""
+        """(N, L) bool: positions after [EoT] (none of them the model's when through_eot)."""
         positions = torch.arange(self.input_ids.shape[1], device=self.eot.device)
         return positions[None, :] > self.eot[:, None]
 
@@ -176,6 +179,15 @@ class Model:
         return self.latent_shape[0], size[0] // scale, size[1] // scale
 
     @property
+    def rows_ignore_padding(self) -> bool:
+        """Whether each prompt's context rows up to and including [EoT] are the same whatever padding follows:
+        true for causal text encoders (CLIP: SD1.x, SD2.x, SDXL's two), false for bidirectional ones (the
+        testbed's MiniLM, BERT-style encoders, FLUX's T5), whose every row reads the padding too. Where it is
+        true, encode(through_eot=True) may stop at the longest prompt's [EoT] instead of the tokenizer's length
+        (FLUX: its context encoder is T5, so false)."""
+        return all(getattr(enc.config, "model_type", "") in CAUSAL_TEXT_ENCODERS for enc in self.text_encoders())
+
+    @property
     def end_token_id(self) -> int:
         tok = self.tokenizer
         return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
@@ -209,8 +221,13 @@ class Model:
         return tok.input_ids, tok.attention_mask, truncated
 
     @torch.no_grad()
-    def encode(self, prompts: list[str] | str, batch_size: int = 64) -> Encoded:
-        """Encode prompts exactly as StableDiffusionPipeline.encode_prompt does, in batches."""
+    def encode(self, prompts: list[str] | str, batch_size: int = 64, through_eot: bool = False) -> Encoded:
+        """Encode prompts exactly as StableDiffusionPipeline.encode_prompt does, in batches. through_eot: a
+        caller that reads no row after a prompt's [EoT] lets a family whose rows_ignore_padding encode the
+        prompts in token order, each batch only through its longest prompt's [EoT], its Linear layers computing
+        one row per distinct token prefix (erasekit.shared_rows): every prompt's rows up to its [EoT] are the
+        padded encoding's, the rows after it filler (the result's through_eot says so) up to the longest
+        prompt's [EoT]. Other families pad as ever."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("the prompt list is empty: give at least one prompt")
@@ -219,12 +236,27 @@ class Model:
             if cut:
                 warnings.warn(f"prompt truncated to the tokenizer's {self.max_length} tokens: {prompt[:60]!r}",
                               stacklevel=2)
-        cond = torch.cat([self.encode_tokens(ids[i:i + batch_size], mask[i:i + batch_size])
-                          for i in range(0, len(prompts), batch_size)])
+        eot = end_positions(ids, self.end_token_id)
+        short = through_eot and self.rows_ignore_padding
+        if not short:
+            cond = torch.cat([self.encode_tokens(ids[i:i + batch_size], mask[i:i + batch_size])
+                              for i in range(0, len(prompts), batch_size)])
+        else:  # prompts in token order (shared prefixes side by side), each batch through its longest [EoT]
+            length = int(eot.max()) + 1
+            ids, mask = ids[:, :length], mask[:, :length]
+            listed = ids.tolist()
+            order = torch.tensor(sorted(range(len(prompts)), key=lambda i: listed[i][:int(eot[i]) + 1]))
+            parts = []
+            for i in range(0, len(prompts), batch_size):
+                rows = order[i:i + batch_size]
+                cut = int(eot[rows].max()) + 1
+                with only_distinct_rows(self.text_encoders(), ids[rows, :cut], eot[rows]):
+                    part = self.encode_tokens(ids[rows, :cut], mask[rows, :cut])
+                rest = self.context(part)
+                parts.append(self.extend_context(part, rest.new_zeros(len(rows), length - cut, rest.shape[-1])))
+            cond = torch.cat(parts)[torch.argsort(order)]
         emb = self.context(cond)
-        is_end = ids == self.end_token_id
-        eot = torch.where(is_end.any(1), is_end.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
-        return Encoded(prompts, emb, ids, mask, eot, truncated, None if emb is cond else cond)
+        return Encoded(prompts, emb, ids, mask, eot, truncated, None if emb is cond else cond, short)
 
     def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor, substitute=None) -> torch.Tensor:
         """The denoiser's conditioning (B, L, d) for token ids (B, L) with attention mask (B, L) or (1, L).
@@ -331,14 +363,23 @@ class Model:
     def parameter(self, name: str) -> torch.Tensor:
         """A parameter by delta key: bare names are the UNet's, 'text_encoder.*' the text encoder's (and
         'text_encoder_2.*' the second one's, for a family that has one)."""
-        component, key = split_key(name)
-        if component not in self.components():
-            raise KeyError(name)
-        params = dict(self.components()[component].named_parameters())
-        key = text_model_name(key, params) if component != "unet" else key
-        if key not in params:
-            raise KeyError(name)
-        return params[key]
+        return self.parameters_of([name])[name]
+
+    def parameters_of(self, names) -> dict[str, torch.Tensor]:
+        """parameter(name) for each of names, each component's parameters listed once."""
+        components, listed, found = self.components(), {}, {}
+        for name in names:
+            component, key = split_key(name)
+            if component not in components:
+                raise KeyError(name)
+            if component not in listed:
+                listed[component] = dict(components[component].named_parameters())
+            params = listed[component]
+            key = text_model_name(key, params) if component != "unet" else key
+            if key not in params:
+                raise KeyError(name)
+            found[name] = params[key]
+        return found
 
     def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         a = self.scheduler.alphas_cumprod.to(like.device)[t.to(like.device).long()]
@@ -497,6 +538,15 @@ class Model:
                                 stop=to_step)
                    for p, s in self._batches(prompts, seeds, batch_size)]
         return torch.cat(latents), self.timesteps(steps)[to_step]
+
+
+CAUSAL_TEXT_ENCODERS = ("clip_text_model",)  # config.model_type of encoders whose rows read no later token
+
+
+def end_positions(ids: torch.Tensor, end_token: int) -> torch.Tensor:
+    """(N,) each row's first end-of-text position (the last position when it has none)."""
+    is_end = ids == end_token
+    return torch.where(is_end.any(1), is_end.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
 
 
 def text_model_name(key: str, names) -> str:

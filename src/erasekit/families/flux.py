@@ -126,9 +126,11 @@ class FluxModel(PooledRows, Model):
 
     # -- text ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prompts, batch_size: int = 64) -> Encoded:
+    def encode(self, prompts, batch_size: int = 64, through_eot: bool = False) -> Encoded:
+        """T5 rows padded to the tokenizer's length whatever through_eot says (T5 is bidirectional:
+        rows_ignore_padding is false), and the pooled CLIP embedding packed in."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        enc = super().encode(prompts, batch_size)
+        enc = super().encode(prompts, batch_size, through_eot)
         pooled = torch.cat([self._pooled(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
         enc.conditioning = self.pack(enc.embeddings, pooled)
         return enc

@@ -24,18 +24,25 @@ PARAMETER_SETS = {
     "trce": (r"attn1\.", r"attn2\.to_q\."),
     "text-encoder": (TEXT + r"(_2)?\.(.*\.)?encoder\.layers?\.\d+\.(?!.*(layer_norm|LayerNorm))",),
 }
+# Sets that, as ESD's public code chooses them (rohitgandikota/erasing esd_sd.py get_esd_trainable_parameters),
+# take only the weights and biases of the denoiser's Linear and Conv2d modules: no norm layer is trained.
+LAYERS_ONLY = frozenset({"esd-x", "esd-x-strict", "esd-u", "esd-all"})
+LAYER_KINDS = (torch.nn.Linear, torch.nn.Conv2d)
 
 
 def select(model: Model, patterns: tuple[str, ...] | str) -> dict[str, torch.nn.Parameter]:
     """Parameters whose names match any pattern (a set name from PARAMETER_SETS or regexes): the denoiser's
     by bare name, and the text encoders' by delta key for patterns that start with TEXT."""
+    layers_only = isinstance(patterns, str) and patterns in LAYERS_ONLY
     if isinstance(patterns, str):
         if patterns not in PARAMETER_SETS:
             raise UserError(f"unknown parameter set {patterns!r}: choose one of {', '.join(PARAMETER_SETS)}")
         patterns = PARAMETER_SETS[patterns]
     denoiser = [re.compile(p) for p in patterns if not p.startswith(TEXT)]
     text = [re.compile(p) for p in patterns if p.startswith(TEXT)]
-    chosen = {n: p for n, p in model.unet.named_parameters() if any(c.search(n) for c in denoiser)}
+    allowed = layer_parameters(model.unet) if layers_only else None
+    chosen = {n: p for n, p in model.unet.named_parameters()
+              if any(c.search(n) for c in denoiser) and (allowed is None or n in allowed)}
     for component, module in model.components().items():
         if component != "unet" and text:
             chosen.update({f"{component}.{n}": p for n, p in module.named_parameters()
@@ -43,6 +50,13 @@ def select(model: Model, patterns: tuple[str, ...] | str) -> dict[str, torch.nn.
     if not chosen:
         raise UserError(f"no parameter matches {list(patterns)}: check the parameter names")
     return chosen
+
+
+def layer_parameters(module: torch.nn.Module) -> set[str]:
+    """Names of the parameters of module's Linear and Conv2d layers (LAYER_KINDS; diffusers' LoRA-compatible
+    variants subclass them)."""
+    return {f"{name}.{p}" if name else p for name, m in module.named_modules() if isinstance(m, LAYER_KINDS)
+            for p, _ in m.named_parameters(recurse=False)}
 
 
 @contextmanager

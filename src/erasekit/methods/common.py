@@ -3,12 +3,15 @@ input the layers read (Model.cross_attention_layers, Model.edit_features)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import UserError
 from ..model import CONTEXT, Encoded, Model
 
 POSITIONS = ("key", "eot", "key+eot", "eot+padding", "all", "aligned", "phrase", "phrase+eot")
+THROUGH_EOT = frozenset({"key", "eot", "key+eot", "phrase", "phrase+eot"})  # positions reading no row after [EoT]
 ALIGNED_PARTS = frozenset({"prefix", "phrase", "suffix", "eot", "padding"})
 
 
@@ -20,6 +23,8 @@ def paired_rows(target: Encoded, anchor: Encoded, positions: str) -> tuple[torch
     the target phrase alone, paired as in 'aligned'), 'phrase+eot' (those and [EoT])."""
     if positions not in POSITIONS:
         raise UserError(f"unknown positions {positions!r}: use one of {', '.join(POSITIONS)}")
+    if positions not in THROUGH_EOT and (target.through_eot or anchor.through_eot):
+        raise ValueError(f"positions {positions!r} read rows after [EoT], which a through_eot encoding lacks")
     if positions == "aligned":
         return aligned_rows(target, anchor)
     if positions.startswith("phrase"):
@@ -51,6 +56,8 @@ def aligned_rows(target: Encoded, anchor: Encoded, parts: frozenset[str] = ALIGN
     the last prefix row. A bidirectional encoder (the testbed's MiniLM, T5) writes the concept into every
     row of the prompt, not only the phrase's: this is the mode that reaches all of them.
     parts keeps some of the rows: 'prefix', 'phrase', 'suffix' (before [EoT]), 'eot', 'padding'."""
+    if "padding" in parts and (target.through_eot or anchor.through_eot):
+        raise ValueError("padding rows were asked for from a through_eot encoding, which lacks them")
     rows, t_pos, a_pos = [], [], []  # prompt index, target position, anchor position of every pair
     length = target.embeddings.shape[1]
     for i in range(len(target.prompts)):
@@ -95,31 +102,34 @@ class Encodings:
     is also a RECE concept name, a prompt asked for again in a later round are encoded the first time only.
     encodings(prompts) -> Encoded in the order given; prefetch(*lists) encodes what is new in one batched call;
     inputs(reads, prompts) -> the features of the layers reading `reads` (every input in `reads` given here is
-    computed in one Model.edit_features call over every prompt stored by then)."""
+    computed in one Model.edit_features call over every prompt stored by then).
+    through_eot: the edit reads no row after a prompt's [EoT] (positions in THROUGH_EOT), so a family whose
+    rows_ignore_padding encodes only up to the longest prompt's [EoT] (Model.encode)."""
 
-    def __init__(self, model: Model, reads: list[str] = (), steps: int = 4):
+    def __init__(self, model: Model, reads: list[str] = (), steps: int = 4, through_eot: bool = False):
         self.model = model
         self.reads = [r for r in dict.fromkeys(reads) if r != CONTEXT]  # other inputs, computed together
         self.steps = steps  # Model.edit_features' steps, for layers that read the denoiser's own states
-        self.stored: dict[str, tuple[Encoded, int]] = {}  # prompt -> (the batch it was encoded in, its row)
+        self.through_eot = through_eot
+        self.batches: list[Encoded] = []  # every batched encode, in order
+        self.stored: dict[str, tuple[int, int]] = {}  # prompt -> (its batch, its row there)
         self.features: dict[str, tuple[list[str], Encoded | torch.Tensor]] = {}  # reads -> (prompts, features)
 
     def prefetch(self, *prompt_lists: list[str]) -> None:
         new = list(dict.fromkeys(p for prompts in prompt_lists for p in prompts if p not in self.stored))
         if new:
-            enc = self.model.encode(new)
-            self.stored.update((p, (enc, i)) for i, p in enumerate(new))
+            self.batches.append(self.model.encode(new, through_eot=self.through_eot))
+            self.stored.update((p, (len(self.batches) - 1, i)) for i, p in enumerate(new))
 
     def __call__(self, prompts: list[str]) -> Encoded:
         self.prefetch(prompts)
         found = [self.stored[p] for p in prompts]
-
-        def stack(field: str) -> torch.Tensor:
-            return torch.stack([getattr(enc, field)[i] for enc, i in found])
-
-        conditioning = stack("cond") if any(enc.conditioning is not None for enc, _ in found) else None
-        return Encoded(list(prompts), stack("embeddings"), stack("input_ids"), stack("attention_mask"), stack("eot"),
-                       [enc.truncated[i] for enc, i in found], conditioning)
+        used = sorted({b for b, _ in found})
+        if len(used) == 1:  # the common case: one gather from one batch
+            return select(self.batches[used[0]], torch.tensor([i for _, i in found], dtype=torch.long), prompts)
+        whole = join([self.batches[b] for b in used], self.model)  # batches of other lengths, as one
+        offset = dict(zip(used, torch.tensor([0] + [len(self.batches[b].prompts) for b in used]).cumsum(0).tolist()))
+        return select(whole, torch.tensor([offset[b] + i for b, i in found], dtype=torch.long), prompts)
 
     def inputs(self, reads: str, prompts: list[str]) -> Encoded | torch.Tensor:
         """The features the layers reading `reads` see for prompts (Model.edit_features), in the order given.
@@ -139,9 +149,42 @@ class Encodings:
             return feats[index.to(feats.device)]
         k = len(feats.prompts) // len(order)  # rows per prompt
         rows = (index[:, None] * k + torch.arange(k)[None]).flatten()
-        return Encoded([feats.prompts[i] for i in rows.tolist()], feats.embeddings[rows.to(feats.embeddings.device)],
-                       feats.input_ids[rows], feats.attention_mask[rows], feats.eot[rows],
-                       [feats.truncated[i] for i in rows.tolist()])
+        return select(feats, rows, [feats.prompts[i] for i in rows.tolist()])
+
+
+def select(enc: Encoded, index: torch.Tensor, prompts: list[str]) -> Encoded:
+    """The prompts of enc at index (one gather per field), named prompts."""
+    on = index.to(enc.embeddings.device)
+    cond = None if enc.conditioning is None else enc.conditioning[index.to(enc.conditioning.device)]
+    return Encoded(list(prompts), enc.embeddings[on], enc.input_ids[index], enc.attention_mask[index],
+                   enc.eot[index.to(enc.eot.device)], [enc.truncated[i] for i in index.tolist()], cond,
+                   enc.through_eot)
+
+
+def join(batches: list[Encoded], model: Model) -> Encoded:
+    """Encodings of several batches as one. Batches encoded through [EoT] at different lengths are padded to
+    the longest with filler rows after [EoT] (zero context rows, inserted before any pooled rows by
+    Model.extend_context; end tokens, mask 0), so the result is through_eot too."""
+    length = max(b.input_ids.shape[1] for b in batches)
+    parts = []
+    for b in batches:
+        pad = length - b.input_ids.shape[1]
+        if pad and not b.through_eot:
+            raise ValueError("encodings of different lengths that are not through_eot cannot be joined")
+        if not pad:
+            parts.append(b)
+            continue
+        n, d = b.embeddings.shape[0], b.embeddings.shape[2]
+        rows = b.embeddings.new_zeros(n, pad, d)
+        ids = torch.cat([b.input_ids, b.input_ids.new_full((n, pad), model.end_token_id)], 1)
+        mask = torch.cat([b.attention_mask, b.attention_mask.new_zeros(n, pad)], 1)
+        cond = None if b.conditioning is None else model.extend_context(b.conditioning, rows)
+        parts.append(Encoded(b.prompts, torch.cat([b.embeddings, rows], 1), ids, mask, b.eot, b.truncated, cond, True))
+    cat = lambda field: torch.cat([getattr(b, field) for b in parts])  # noqa: E731
+    conditioning = cat("conditioning") if parts[0].conditioning is not None else None
+    return Encoded([p for b in parts for p in b.prompts], cat("embeddings"), cat("input_ids"), cat("attention_mask"),
+                   cat("eot"), [t for b in parts for t in b.truncated], conditioning,
+                   any(b.through_eot for b in parts))
 
 
 class KVStack:
@@ -151,7 +194,9 @@ class KVStack:
     solve edits every layer at once. Layers that read other inputs (FLUX's pooled projection, its blocks'
     text streams) form their own stacks: `groups`."""
 
-    def __init__(self, model: Model, layers: str = "default", reads: str = CONTEXT, found=None):
+    def __init__(self, model: Model, layers: str = "default", reads: str = CONTEXT, found=None, stacked: bool = True):
+        """stacked: take the float64 stack `w0` now, a snapshot of the weights as they are (what the solvers that
+        read it need); False leaves it to be built on first use, for an edit that reads `weights` at once."""
         self.reads = reads
         self.layers = [la for la in (found or model.cross_attention_layers(layers)) if la.reads == reads]
         if not self.layers:
@@ -159,17 +204,32 @@ class KVStack:
                             f"{layers!r}: use --set layers= one of {', '.join(model.edit_layer_sets())}")
         self.names = [la.name for la in self.layers]
         self.sizes = [la.weight.shape[0] for la in self.layers]
-        self.w0 = torch.cat([la.weight.detach().double().cpu() for la in self.layers])
+        self.weights = [la.weight.detach() for la in self.layers]  # the modules' own tensors, not copies
+        if stacked:
+            self.w0 = self.stack()
+
+    @functools.cached_property
+    def w0(self) -> torch.Tensor:
+        return self.stack()
+
+    def stack(self) -> torch.Tensor:
+        """(sum_out, d) float64 stack of the weights, each copied once, into place."""
+        w0 = torch.empty(sum(self.sizes), self.weights[0].shape[1], dtype=torch.float64)
+        for rows, w in zip(w0.split(self.sizes), self.weights):
+            rows.copy_(w)
+        return w0
 
     @classmethod
-    def groups(cls, model: Model, layers: str = "default") -> list[KVStack]:
+    def groups(cls, model: Model, layers: str = "default", stacked: bool = True) -> list[KVStack]:
         """One stack per input the layers of `layers` read, in the order the family lists them."""
         found = model.cross_attention_layers(layers)
-        return [cls(model, layers, reads, found) for reads in dict.fromkeys(la.reads for la in found)]
+        return [cls(model, layers, reads, found, stacked) for reads in dict.fromkeys(la.reads for la in found)]
 
     def values(self, keys: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Outputs of every layer for key rows (N, d): (N, sum_out)."""
-        return keys.double().cpu() @ (self.w0 if weight is None else weight).T
+        """Outputs of every layer for key rows (N, d): (N, sum_out). Each distinct row is multiplied once (a
+        shared anchor's row, e.g. the empty guide of 100 concepts, is one product, not 100)."""
+        rows, where = torch.unique(keys.double().cpu(), dim=0, return_inverse=True)
+        return (rows @ (self.w0 if weight is None else weight).T)[where]
 
     def split(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, stacked.float().split(self.sizes)))

@@ -21,7 +21,7 @@ from ..concepts import ConceptSpec
 from ..delta import Delta
 from ..linalg import regenerating_embedding
 from ..model import CONTEXT, Model
-from .common import Encodings, KVStack
+from .common import THROUGH_EOT, Encodings, KVStack
 from .uce import edit_prompts, group_keys, solve
 
 
@@ -44,7 +44,7 @@ def concept_rows(model: Model, spec: ConceptSpec, encodings: Encodings | None = 
     """Every content and [EoT] row of each target name's features in the input `reads` (the context rows by
     default), and its anchor's [KEY] row per row; an input with one row per prompt gives that row and the
     anchor's."""
-    encodings = encodings or Encodings(model)
+    encodings = encodings or Encodings(model, through_eot=True)  # its rows end at [EoT]
     names = [t.name for t in spec.targets]
     encodings.prefetch(names, spec.anchor_per_target())
     enc, anchors = encodings.inputs(reads, names), encodings.inputs(reads, spec.anchor_per_target())
@@ -90,7 +90,7 @@ def erase(model: Model, spec: ConceptSpec, cfg: RECEConfig | None = None) -> Del
     cfg = cfg or RECEConfig()
     start = time.time()
     groups = KVStack.groups(model, cfg.layers)
-    encodings = Encodings(model, [kv.reads for kv in groups], cfg.feature_steps)
+    encodings = Encodings(model, [kv.reads for kv in groups], cfg.feature_steps, cfg.positions in THROUGH_EOT)
     prompts = edit_prompts(spec, cfg.synonyms, encodings, later=[t.name for t in spec.targets]
                            + spec.anchor_per_target())
     changes, change, key_count, rounds = {}, {}, 0, {}

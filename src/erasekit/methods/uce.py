@@ -7,7 +7,8 @@ Defaults are the public code's (rohitgandikota/unified-concept-editing, trainscr
 templates). Prompt building is the spec's: `--expand` under the default "uce" expansion builds what the public
 --expand_prompts builds (each concept bare plus its five templated prompts, the guide likewise, preserve
 concepts not expanded); `--expansion templates` keeps erasekit's earlier rule. docs/METHODS.md has the table.
-Each distinct prompt is encoded once (common.Encodings).
+Each distinct prompt is encoded once, in one batched call, through [EoT] where the family's encoder is causal
+(common.Encodings, Model.encode); the solve reads the layers' own weights (linalg.uce_guided).
 Layers (`layers`: the family's default set, or sets Model.edit_layer_sets names) are solved per input they read
 (KVStack.groups): the context rows for every SD K/V; on FLUX context_embedder with T5 rows and the pooled
 projection with the pooled CLIP embedding (one key per prompt, whatever the positions), as the public FLUX
@@ -28,9 +29,9 @@ import torch
 
 from ..concepts import ConceptSpec
 from ..delta import Delta
-from ..linalg import uce_solve
+from ..linalg import uce_guided, uce_solve
 from ..model import CONTEXT, Model
-from .common import Encodings, KVStack, paired_inputs, single_inputs
+from .common import THROUGH_EOT, Encodings, KVStack, paired_inputs, single_inputs
 
 TESTBED = {"positions": "aligned"}
 
@@ -68,12 +69,13 @@ def group_keys(encodings: Encodings, reads: str, prompts, positions: str):
 def erase_keys(model: Model, spec: ConceptSpec, positions: str, synonyms: bool = True,
                encodings: Encodings | None = None, later: list[str] = ()):
     """(target key rows, anchor key rows, preserve key rows or None) of a spec in the context rows."""
-    encodings = encodings or Encodings(model)
+    encodings = encodings or Encodings(model, through_eot=positions in THROUGH_EOT)
     return group_keys(encodings, CONTEXT, edit_prompts(spec, synonyms, encodings, later), positions)
 
 
 def solve(kv: KVStack, keys, values, preserve_keys, cfg) -> torch.Tensor:
-    """The UCE solve for all layers of one input at once: (sum_out, d) float64."""
+    """The UCE solve for all layers of one input at once with any values (RECE adds its derived keys):
+    (sum_out, d) float64. UCE's own edit, whose values are W0 times guide keys, takes linalg.uce_guided."""
     return uce_solve(kv.w0[None], keys.double().cpu(), values[None],
                      None if preserve_keys is None else preserve_keys.double().cpu(),
                      lam=cfg.lam, erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale)[0]
@@ -82,16 +84,17 @@ def solve(kv: KVStack, keys, values, preserve_keys, cfg) -> torch.Tensor:
 def erase(model: Model, spec: ConceptSpec, cfg: UCEConfig | None = None) -> Delta:
     cfg = cfg or UCEConfig()
     start = time.time()
-    groups = KVStack.groups(model, cfg.layers)
-    encodings = Encodings(model, [kv.reads for kv in groups], cfg.feature_steps)
+    groups = KVStack.groups(model, cfg.layers, stacked=False)  # the solve reads the weights themselves
+    encodings = Encodings(model, [kv.reads for kv in groups], cfg.feature_steps, cfg.positions in THROUGH_EOT)
     prompts = edit_prompts(spec, cfg.synonyms, encodings)
     changes, keys_per_input, change = {}, {}, {}
     preserve_count = 0
     for kv in groups:
         keys, guides, preserve_keys = group_keys(encodings, kv.reads, prompts, cfg.positions)
-        w = solve(kv, keys, kv.values(guides), preserve_keys, cfg)
-        changes.update(kv.split(w))
-        change.update(kv.norms(w))
+        new, moved = uce_guided(kv.weights, keys, guides, preserve_keys, lam=cfg.lam, erase_scale=cfg.erase_scale,
+                                preserve_scale=cfg.preserve_scale)
+        changes.update(zip(kv.names, new))
+        change.update(zip(kv.names, moved))
         keys_per_input[kv.reads] = len(keys)
         preserve_count += 0 if preserve_keys is None else len(preserve_keys)
     stats = {"erase_keys": sum(keys_per_input.values()), "erase_keys_per_input": keys_per_input,
