@@ -41,33 +41,10 @@ RUNS = {  # name -> (method, settings)
 
 def folder(path: Path, width: float) -> Path:
     """SD1.4's UNet (block_out_channels scaled by width) and text encoder, random weights, 32 x 32 latents."""
-    import warnings
+    sys.path.insert(0, str(HERE))
+    from architectures import sd14_folder
 
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from erasekit.testing import make_tokenizer
-
-    if (path / "model_index.json").is_file():
-        return path
-    torch.manual_seed(0)
-    tokenizer = make_tokenizer()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    channels = tuple(int(round(c * width / 32)) * 32 for c in (320, 640, 1280, 1280))
-    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
-                                block_out_channels=channels)  # SD1.4's UNet config, channels scaled
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32)
-    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
-                                safety_checker=None, feature_extractor=None,
-                                requires_safety_checker=False).save_pretrained(path)
-    return path
+    return sd14_folder(path, width, sample_size=32)
 
 
 def vm_rss() -> int:

@@ -27,39 +27,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from architectures import sd14_folder, sdxl_folder  # noqa: E402
 from naive_uce import public_uce  # noqa: E402
 
 WORDS = ("apple ball cat dog egg fig goat hat ink jam kite lamp moon nest owl pig queen rose sun tree umbrella "
          "vase whale box yak zebra").split()
-
-
-def sd14_folder(path: Path) -> Path:
-    """A pipeline folder with SD1.4's UNet and text-encoder shapes and random weights."""
-    import warnings
-
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from erasekit.testing import make_tokenizer
-
-    if (path / "model_index.json").is_file():
-        return path
-    torch.manual_seed(0)
-    tokenizer = make_tokenizer()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
-                                block_out_channels=(320, 640, 1280, 1280))  # SD1.4's UNet config
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32)
-    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
-                                safety_checker=None, feature_extractor=None,
-                                requires_safety_checker=False).save_pretrained(path)
-    return path
 
 
 def concepts(n: int) -> list[str]:
@@ -130,7 +102,7 @@ def main() -> None:
     import erasekit
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=["testbed", "sd14"])
+    parser.add_argument("--models", nargs="+", default=["testbed", "sd14"], choices=["testbed", "sd14", "sdxl"])
     parser.add_argument("--counts", nargs="+", type=int, default=[1, 10, 100])
     parser.add_argument("--naive-up-to", type=int, default=100,
                         help="run the public-structure baseline only up to this many concepts")
@@ -141,17 +113,20 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
               "torch": torch.__version__, "models": {}}
     for name in args.models:
-        source = "testbed" if name == "testbed" else sd14_folder(Path(args.workdir) / "sd14")
+        folders = {"sd14": sd14_folder, "sdxl": sdxl_folder}
+        source = "testbed" if name == "testbed" else folders[name](Path(args.workdir) / name)
         model = erasekit.load(source, device=device)
         info = {"kv_matrices": len(model.cross_attention_layers()),
                 "d": model.unet.config.cross_attention_dim}
+        # the public UCE script is written for SD1.x/2.x: on SDXL only erasekit's time and its floor
+        naive_up_to = args.naive_up_to if name != "sdxl" else 0
         print(f"{name}: {info}", flush=True)
         def save(rows, name=name, info=info):
             result["models"][name] = {**info, "rows": rows}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-        run(model, args.counts, args.naive_up_to, save=save)
+        run(model, args.counts, naive_up_to, save=save)
         del model
     print(f"wrote {args.out}")
 
