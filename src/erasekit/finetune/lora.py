@@ -75,8 +75,8 @@ class LoRA:
         def add(module, args, output):
             if not self.enabled:
                 return output
-            x = args[0]
-            low = nn.functional.linear(nn.functional.linear(x.to(down.dtype), down), up)
+            x = args[0]  # the factors are cast to the input's dtype (small), not the input to theirs (a copy)
+            low = nn.functional.linear(nn.functional.linear(x, down.to(x.dtype)), up.to(x.dtype))
             return output + (self.scale * low).to(output.dtype)
         return add
 
