@@ -137,7 +137,8 @@ def test_advunlearn_on_flux_trains_both_text_encoders(flux):
 def test_erase_cli_fine_tunes_tiny_flux(flux_folder, flux, tmp_path, capsys):
     out = tmp_path / "d.safetensors"
     code, text, err = run(capsys, "erase", flux_folder, "--method", "esd", "--concept", "cat", "--out", out,
-                          "--set", "steps=2", "--set", "sampler_steps=3", "--set", "progress=false")
+                          "--set", "steps=2", "--set", "sampler_steps=3", "--set", "progress=false",
+                          "--set", "lora_rank=0")  # 0: full tensors (the default)
     assert code == 0, err
     delta = erasekit.Delta.load(out, base=flux)
     assert delta.method == "esd" and all(".attn.add_" in k or ".attn.to_add_out." in k for k in delta.tensors)
@@ -149,6 +150,23 @@ def test_erase_cli_fine_tunes_tiny_flux(flux_folder, flux, tmp_path, capsys):
     code, _, err = run(capsys, "generate", flux_folder, "--delta", lora, "-p", "a cat", "--seeds", "0", "--steps", "2",
                        "--out", tmp_path / "g")
     assert code == 0, err
+    code, _, err = run(capsys, "export", flux_folder, "--delta", lora, "--out", tmp_path / "ex")
+    assert code == 0, err
+    from diffusers import FluxTransformer2DModel
+
+    exported = dict(FluxTransformer2DModel.from_pretrained(tmp_path / "ex" / "transformer").named_parameters())
+    merged = erasekit.Delta.load(lora, base=flux).values(flux)
+    assert all(torch.allclose(exported[k].detach(), v, atol=1e-6) for k, v in merged.items())
     code, _, err = run(capsys, "erase", flux_folder, "--method", "uce+esd", "--concept", "cat", "--out",
                        tmp_path / "c.safetensors", "--set", "lora_rank=2", "--set", "steps=1")
     assert code == 2 and "drop lora_rank" in one_line_error(err)
+
+
+def test_lora_settings_a_method_cannot_take_are_one_line(flux_folder, tiny_sd, tmp_path, capsys):
+    for model, method, setting, why in ((tiny_sd, "trce-stage2", "lora_rank=2", "trains full tensors only"),
+                                        (flux_folder, "esd", "lora_rank=-1", "must not be negative"),
+                                        (flux_folder, "esd", "parameters=trce", "unknown parameter set")):
+        out = tmp_path / f"{method}.safetensors"
+        code, _, err = run(capsys, "erase", model, "--method", method, "--concept", "cat", "--out", out,
+                           "--set", setting, "--set", "steps=1")
+        assert code == 2 and why in one_line_error(err) and not out.exists(), (method, setting)
