@@ -394,10 +394,10 @@ class Model:
         return (x_t, t, cond), {}
 
     def guided(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None,
-               params: dict[str, torch.Tensor] | None = None):
-        """Raw output with classifier-free guidance: u + g (c - u); no guidance when g is None or <= 1.
-        params: as for raw (a frozen teacher's tensors)."""
-        if guidance is None or guidance <= 1.0 or uncond is None:
+               params: dict[str, torch.Tensor] | None = None, extrapolate: bool = False):
+        """Raw output with classifier-free guidance: u + g (c - u); no guidance when g is None or <= 1 unless
+        extrapolate (a fine-tuning teacher's rollout takes the formula for every g). params: as for raw."""
+        if guidance is None or uncond is None or (guidance <= 1.0 and not extrapolate):
             return self.raw(x_t, t, emb, params=params)
         out_u, out_c = self.raw(*guidance_batch(x_t, t, emb, uncond), params=params).chunk(2)
         return out_u + guidance * (out_c - out_u)

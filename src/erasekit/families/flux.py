@@ -237,7 +237,8 @@ class FluxModel(PooledRows, Model):
             return functional_call(self.unet, params, (), kwargs)[0]
         return self.unet(**kwargs)[0]
 
-    def guided(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None, params=None):
+    def guided(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None, params=None,
+               extrapolate: bool = False):
         """One call: dev reads the guidance scale as an input; schnell ignores it; no unconditional branch."""
         return self.raw(x_t, t, emb, params=params, guidance=guidance)
 

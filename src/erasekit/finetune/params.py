@@ -137,7 +137,7 @@ class Frozen:
         """The frozen model's sampling output as its family guides it (classifier-free guidance u + g (c - u);
         one call at guidance input g on FLUX.1-dev)."""
         with self._base():
-            return self.model.guided(x_t, t, emb, guidance, uncond, params=self.values)
+            return self.model.guided(x_t, t, emb, guidance, uncond, params=self.values, extrapolate=True)
 
     @torch.no_grad()
     def rollout(self, emb: torch.Tensor, uncond: torch.Tensor, seeds_noise: torch.Tensor, steps: int, to_step: int,
