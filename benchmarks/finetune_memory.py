@@ -1,6 +1,7 @@
-"""Peak memory of every fine-tuning method on a denoiser with Stable Diffusion 1.4's architecture.
+"""Peak memory of every fine-tuning method on a denoiser with Stable Diffusion 1.4's architecture, and of ESD and
+SCORE on FLUX.1-dev's transformer (full tensors and LoRA factors).
 
-Usage: python benchmarks/finetune_memory.py [--width 0.5] [--src SRC ...] [--out FILE]
+Usage: python benchmarks/finetune_memory.py [--width 0.5] [--src SRC ...] [--runs RUN ...] [--out FILE]
 
 For each method (esd at esd-x and at esd-all, trce-stage2, co-erasing, score, advunlearn) and each source tree
 given with --src (e.g. this worktree's src/ and an older checkout's, to compare before and after a change), one
@@ -15,6 +16,10 @@ training steps and reports:
 - the sha256 of the delta's tensors, so a memory change can be checked to leave the result unchanged.
 Latents are 32 x 32 (sample_size 32, 256-pixel images) to keep activations and CPU time small: what is
 measured is the memory that grows with the trained parameters. Run one method at a time (they are).
+The "flux ..." runs use FLUX.1-dev's transformer config (19 dual-stream and 38 single-stream blocks, head dim 128,
+guidance embeddings) with round(24 x --width) heads, tiny T5 and CLIP encoders (d_model 256, hidden 64: the
+text encoders are not trained there) and 32 x 32 latents (256 patches); a LoRA row's trained parameters are its
+factors (lora_rank 8), its B/param is against them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ RUNS = {  # name -> (method, settings)
     "co-erasing (esd-x)": ("co-erasing", {"images": "1", "sampler_steps": "2"}),
     "score (esd-all)": ("score", {"saliency_prompts": "1", "sampler_steps": "2"}),
     "advunlearn (text-encoder)": ("advunlearn", {"sampler_steps": "2", "warmup_steps": "1", "attack_steps": "1"}),
+    "flux esd (esd-x)": ("esd", {"parameters": "esd-x", "sampler_steps": "2"}),
+    "flux esd (esd-x, lora 8)": ("esd", {"parameters": "esd-x", "sampler_steps": "2", "lora_rank": "8"}),
+    "flux esd (esd-all, lora 8)": ("esd", {"parameters": "esd-all", "sampler_steps": "2", "lora_rank": "8"}),
+    "flux score (esd-x)": ("score", {"parameters": "esd-x", "saliency_prompts": "1", "sampler_steps": "2"}),
+    "flux score (esd-x, lora 8)": ("score", {"parameters": "esd-x", "saliency_prompts": "1", "sampler_steps": "2",
+                                             "lora_rank": "8"}),
 }
 
 
@@ -45,6 +56,68 @@ def folder(path: Path, width: float) -> Path:
     from architectures import sd14_folder
 
     return sd14_folder(path, width, sample_size=32)
+
+
+def flux_folder(path: Path, width: float) -> Path:
+    """FLUX.1-dev's transformer config with round(24 x width) heads of 128, tiny text encoders, random weights."""
+    import warnings
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from erasekit.testing import make_t5_tokenizer, make_tokenizer
+
+    if (path / "model_index.json").is_file():
+        return path
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = make_tokenizer(), make_t5_tokenizer()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=256, d_kv=32, d_ff=512, num_layers=2,
+                                 num_heads=4, pad_token_id=0, eos_token_id=1))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                         attention_head_dim=128, num_attention_heads=max(1, round(24 * width)),
+                                         joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
+                                         axes_dims_rope=(16, 56, 56))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                     tokenizer_2=tokenizer_2, transformer=transformer).save_pretrained(path)
+    return path
+
+
+def flux_counts(rank: int = 8) -> list[dict]:
+    """Trained entries of ESD's FLUX sets at FLUX.1-dev's real config (diffusers' defaults, built on the meta
+    device: no memory), as full tensors and as LoRA factors of `rank`, and what 16 B an entry (fp32 frozen copy,
+    gradient, Adam's two moments) makes of them."""
+    import re
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from erasekit.finetune.params import FLUX_PARAMETER_SETS
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(guidance_embeds=True)
+    modules = dict(transformer.named_modules())
+    rows = []
+    for name in ("esd-x", "esd-x-strict", "esd-all"):
+        patterns = [re.compile(p) for p in FLUX_PARAMETER_SETS[name]]
+        chosen = {n: p for n, p in transformer.named_parameters() if any(c.search(n) for c in patterns)}
+        linear = [modules[n.removesuffix(".weight")] for n in chosen
+                  if n.endswith(".weight") and isinstance(modules.get(n.removesuffix(".weight")), torch.nn.Linear)]
+        full = sum(p.numel() for p in chosen.values())
+        lora = sum(rank * (m.in_features + m.out_features) for m in linear)
+        rows.append({"set": name, "tensor_entries": full, "full_gib_at_16B": round(16 * full / 2**30, 2),
+                     f"lora{rank}_entries": lora, "lora_gib_at_16B": round(16 * lora / 2**30, 3)})
+    return rows
 
 
 def vm_rss() -> int:
@@ -64,12 +137,15 @@ def child(run: str, model_dir: str, adapter: str, steps: int) -> dict:
     from erasekit import methods
     from erasekit.concepts import Concept, ConceptSpec
     from erasekit.delta import tensors_sha256
-    from erasekit.finetune.params import PARAMETER_SETS, select
+    from erasekit.finetune.loop import trainable
 
     name, settings = RUNS[run]
     model = erasekit.load(model_dir)
     with torch.no_grad():  # weights read lazily from the file count once touched: touch them all first
-        for p in list(model.unet.parameters()) + list(model.text_encoder.parameters()) + list(model.vae.parameters()):
+        for part in model.components().values():
+            for p in part.parameters():
+                p.sum()
+        for p in model.vae.parameters():
             p.sum()
     loaded = vm_rss()
     method = methods.get(name)
@@ -78,7 +154,10 @@ def child(run: str, model_dir: str, adapter: str, steps: int) -> dict:
         values["image_encoder"] = adapter
     cfg = methods.build_config(method, values)
     parameters = "trce" if name == "trce-stage2" else cfg.parameters
-    trained = sum(p.numel() for p in select(model, PARAMETER_SETS[parameters]).values())
+    named, frozen = trainable(model, cfg, parameters)  # the set's tensors, or its LoRA factors
+    trained = sum(p.numel() for p in named.values())
+    frozen.release()
+    del named, frozen
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -98,7 +177,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/erasekit-finetune-memory")
     ap.add_argument("--out", default=str(HERE / "results" / "finetune_memory.json"))
     ap.add_argument("--child", nargs=4, metavar=("RUN", "MODEL", "ADAPTER", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--flux-counts", action="store_true", help="print the trained entries at FLUX.1-dev's real size")
     args = ap.parse_args()
+    if args.flux_counts:
+        for row in flux_counts():
+            print(json.dumps(row))
+        return
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.child[2], int(args.child[3]))))
         return
@@ -107,6 +191,8 @@ def main() -> None:
 
     work = Path(args.work)
     model_dir = folder(work / f"sd14-width{args.width}", args.width)
+    if any(run.startswith("flux ") for run in args.runs):
+        flux_dir = flux_folder(work / f"flux1-dev-width{args.width}", args.width)
     adapter = work / "ip-adapter-768"
     if not adapter.is_dir():
         make_tiny_ip_adapter(adapter, cross_attention_dim=768)
@@ -114,7 +200,8 @@ def main() -> None:
     for run in args.runs:
         for src in args.src:
             env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-            done = subprocess.run([sys.executable, __file__, "--child", run, str(model_dir), str(adapter),
+            source = flux_dir if run.startswith("flux ") else model_dir
+            done = subprocess.run([sys.executable, __file__, "--child", run, str(source), str(adapter),
                                    str(args.steps)], env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 row = {"run": run, "src": src, "error": (done.stderr.strip().splitlines() or ["killed"])[-1],

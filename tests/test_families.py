@@ -256,9 +256,11 @@ def test_flux_closed_form_erasure_generate_evaluate_and_export(tiny_flux, tmp_pa
     assert torch.equal(pipe.transformer.context_embedder.weight.detach(), tensors["context_embedder.weight"])
 
 
-def test_what_flux_cannot_run_yet_is_one_line(tiny_flux, tmp_path, capsys, never_judge):
-    code, _, err = run(capsys, "erase", tiny_flux, "--method", "esd", "--concept", "cat", "--out", tmp_path / "e.st")
-    assert code == 2 and "cannot run fine-tuning on FLUX.1 yet" in one_line_error(err)
+@pytest.mark.parametrize("method", ["trce-stage2", "trce", "co-erasing"])
+def test_what_flux_cannot_run_yet_is_one_line(tiny_flux, tmp_path, capsys, never_judge, method):
+    code, _, err = run(capsys, "erase", tiny_flux, "--method", method, "--concept", "cat", "--out", tmp_path / "e.st")
+    part = "co-erasing" if method == "co-erasing" else "trce-stage2"
+    assert code == 2 and f"cannot run {part} on FLUX.1 yet" in one_line_error(err)
     assert not (tmp_path / "e.st").exists()
 
 

@@ -202,6 +202,8 @@ def load_for_erasing(args, method, spec):
     model = load_for_run(args.model, allow_pickle=args.allow_pickle_weights, offline=args.offline)
     if method.fine_tuning or any(part.fine_tuning for part in method.parts):
         model.require("fine-tuning")
+    for part in method.parts or (method,):
+        model.require(part.name)  # a method the family cannot run says why in one line
     for phrase in warn_unknown_tokens(model, [p for t in spec.targets for p in t.phrases]):
         warnings.warn(f"every token of {phrase!r} is unknown to the tokenizer: it carries no meaning to erase",
                       stacklevel=2)

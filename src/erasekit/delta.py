@@ -9,6 +9,10 @@ of the tensors it replaces, a sha256 of its own tensors, and the erasekit versio
 sha256 and refuses NaN/inf values; applying checks names, shapes and the base hash, so a delta made for
 another base model fails with one clear line.
 
+A delta may hold LoRA factors instead (a fine-tuning run with lora_rank): PEFT-layout keys under the pipeline
+component's prefix ("transformer.<module>.lora_A.weight"), which stock diffusers' `pipe.load_lora_weights(path)`
+reads; erasekit merges them into the base weights when it checks or applies the delta (`values`).
+
 A foreign delta, a safetensors file of changed tensors without erasekit metadata (e.g. the public UCE
 code's output), is read too: its keys are diffusers UNet names or "text_encoder."-prefixed names, it is
 matched to the base by names and shapes only, and its record says its provenance is unknown. The other
@@ -125,6 +129,32 @@ class Delta:
                    method=method, config=dict(config or {}), base=model.identity(), base_hash=tensor_hash(old),
                    stats=dict(stats or {}), version=__version__)
 
+    @classmethod
+    def from_factors(cls, model: Model, factors: dict[str, torch.Tensor], targets: list[str], method: str,
+                     config: dict | None = None, stats: dict | None = None) -> Delta:
+        """A delta of LoRA factors (PEFT layout, "<component>.<module>.lora_A.weight" / "lora_B"), adapting the
+        weights `targets` (delta keys) of model, which must still hold the base values."""
+        delta = cls.from_changes(model, {}, method, config, stats)
+        delta.tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in factors.items()}
+        delta.base_hash = tensor_hash({name: model.parameter(name) for name in targets})
+        return delta
+
+    @property
+    def is_lora(self) -> bool:
+        """Whether the delta holds LoRA factors (merged into the base when applied) rather than new tensors."""
+        from .delta_sources import is_lora
+
+        return is_lora(self.tensors)
+
+    def values(self, model: Model) -> dict[str, torch.Tensor]:
+        """The new values of the model's tensors the delta replaces, by delta key: its tensors, or its LoRA
+        factors merged into model's current (base) weights."""
+        if not self.is_lora:
+            return self.tensors
+        from .delta_sources import merge_lora
+
+        return merge_lora(self.tensors, model, Path(self.config.get("file", "the delta")), read_config=False)
+
     # -- files ------------------------------------------------------------------------------
     def metadata(self) -> dict:
         return {"format": FORMAT, "method": self.method, "config": self.config, "base": self.base,
@@ -239,7 +269,8 @@ class Delta:
             wrong = "this foreign delta was made for another model"
         else:
             missing = wrong = f"this delta was made for another architecture ({base_name})"
-        for name, value in self.tensors.items():
+        values = self.values(model)
+        for name, value in values.items():
             try:
                 param = model.parameter(name)
             except KeyError:
@@ -247,7 +278,7 @@ class Delta:
             if tuple(param.shape) != tuple(value.shape):
                 raise UserError(f"delta tensor {name!r} has shape {tuple(value.shape)} but {model.name} has "
                                 f"{tuple(param.shape)}: {wrong}")
-        current = tensor_hash({name: model.parameter(name) for name in self.tensors})
+        current = tensor_hash({name: model.parameter(name) for name in values})
         if self.base_hash and current != self.base_hash:
             raise UserError(f"this delta was made for base model {base_name!r} (tensor hash {self.base_hash[:12]}) "
                             f"but {model.name} has different weights (hash {current[:12]}): apply it to the model "
@@ -259,7 +290,7 @@ class Delta:
             self.check(model)
         old = {}
         with torch.no_grad():
-            for name, value in self.tensors.items():
+            for name, value in self.values(model).items():
                 param = model.parameter(name)
                 old[name] = param.detach().clone()
                 param.copy_(value.to(param.device, param.dtype))
@@ -294,7 +325,7 @@ class Delta:
     def relative_change(self, model: Model) -> dict[str, float]:
         """||new - base|| / ||base|| per tensor, against model's current (base) values."""
         out = {}
-        for name, value in self.tensors.items():
+        for name, value in self.values(model).items():
             base = model.parameter(name).detach().float().cpu()
             out[name] = float((value.float() - base).norm() / base.norm().clamp(min=1e-12))
         return out

@@ -31,7 +31,7 @@ PIPELINE, UNET, TEXT_ENCODER = "erased pipeline folder", "UNet folder", "text-en
 TEXT_FILE, LORA = "text-encoder safetensors (bare CLIPTextModel names)", "LoRA (PEFT/diffusers), merged into the base"
 LORA_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_A.default.weight", ".lora_B.default.weight"),
               (".lora.down.weight", ".lora.up.weight"), (".lora_down.weight", ".lora_up.weight"))
-PREFIXES = ("base_model.model.", "unet.")  # PEFT's wrapper and diffusers' component prefix of UNet names
+PREFIXES = ("base_model.model.", "unet.", "transformer.")  # PEFT's wrapper, diffusers' denoiser component prefixes
 FOLDER_HINT = ("give a delta .safetensors file, an erased diffusers pipeline folder (model_index.json), or a UNet or "
                "CLIPTextModel folder (config.json and safetensors weights)")
 
@@ -179,11 +179,12 @@ def _module_name(stem: str) -> str:
     return "text_encoder." + stem if stem.startswith("text_model.") else stem
 
 
-def merge_lora(tensors: dict[str, torch.Tensor], base, path: Path) -> dict[str, torch.Tensor]:
-    """The base tensors with every LoRA pair merged: W + alpha / rank * up @ down, under delta key names."""
+def merge_lora(tensors: dict[str, torch.Tensor], base, path: Path, read_config: bool = True) -> dict[str, torch.Tensor]:
+    """The base tensors with every LoRA pair merged: W + alpha / rank * up @ down, under delta key names;
+    read_config: take alpha from an adapter_config.json beside path when there is one."""
     config_alpha = None
     config = path.parent / "adapter_config.json"
-    if config.is_file():
+    if read_config and config.is_file():
         try:
             config_alpha = float(json.loads(config.read_text()).get("lora_alpha"))
         except (OSError, ValueError, TypeError):
@@ -207,6 +208,10 @@ def merge_lora(tensors: dict[str, torch.Tensor], base, path: Path) -> dict[str, 
             except KeyError:
                 raise UserError(f"LoRA file {path} adapts {stem!r}, which {base.name} does not have ({name!r}): a LoRA "
                                 "for another architecture") from None
+            if up.shape[0] * down[0].numel() != weight.numel():
+                raise UserError(f"LoRA file {path}: {stem!r} has factors of shapes {tuple(up.shape)} and "
+                                f"{tuple(down.shape)} but {base.name}'s {name} is {tuple(weight.shape)}: a LoRA for "
+                                "another architecture")
             update = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * (alpha / rank)
             out[name] = (weight.detach().double().cpu() + update).float().contiguous()
             used |= {key, up_key, stem + ".alpha"}

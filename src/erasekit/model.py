@@ -11,6 +11,7 @@ SDXL; the testbed in erasekit.testbed.adapter) subclass it and override what dif
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,7 @@ class Model:
     family = "sd"  # the adapter's family name, recorded in identity()
     world = None  # a prompt world (the testbed's): ground-truth prompt sets, captions and a CLIP scorer
     text_components = ("text_encoder",)  # pipeline components a delta key may name by prefix ("text_encoder.")
+    parameter_table = "unet"  # which of erasekit.finetune.params' parameter-set tables names this denoiser's tensors
 
     def __init__(self, pipe, source: str, name: str, sampler_defaults: dict | None = None,
                  origin: dict | None = None):
@@ -432,12 +434,24 @@ class Model:
         """The denoiser's call arguments for latents, timesteps (B,) and conditioning."""
         return (x_t, t, cond), {}
 
-    def guided(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None):
-        """Raw output with classifier-free guidance: u + g (c - u); no guidance when g is None or <= 1."""
-        if guidance is None or guidance <= 1.0 or uncond is None:
-            return self.raw(x_t, t, emb)
-        out_u, out_c = self.raw(*guidance_batch(x_t, t, emb, uncond)).chunk(2)
+    def guided(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None,
+               params: dict[str, torch.Tensor] | None = None, extrapolate: bool = False):
+        """Raw output with classifier-free guidance: u + g (c - u); no guidance when g is None or <= 1 unless
+        extrapolate (a fine-tuning teacher's rollout takes the formula for every g). params: as for raw."""
+        if guidance is None or uncond is None or (guidance <= 1.0 and not extrapolate):
+            return self.raw(x_t, t, emb, params=params)
+        out_u, out_c = self.raw(*guidance_batch(x_t, t, emb, uncond), params=params).chunk(2)
         return out_u + guidance * (out_c - out_u)
+
+    @contextmanager
+    def distilled_guidance(self, scale: float | None):
+        """Inside the block a guidance-distilled denoiser (FLUX.1-dev) reads `scale` as its guidance input in every
+        call that gives none (a fine-tuning run's teacher and student alike); other families have no such input."""
+        yield
+
+    def spatial(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as (N, C, h, w) images of the latent space (a family with packed latents unpacks them)."""
+        return latents
 
     def convert(self, x_t: torch.Tensor, t, out: torch.Tensor) -> Prediction:
         """Turn a raw output into epsilon, x0 and v, whatever the model predicts."""

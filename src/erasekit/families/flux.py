@@ -26,13 +26,18 @@ the global conditioning, and a flow-matching transformer with joint attention th
 - Losses (attacks): x_t = (1 - s) x0 + s noise, the target is the velocity noise - x0 (`add_noise`, `target`);
   a loss's evenly spread timesteps are taken as sigmas and shifted as the sampler shifts its own
   (`loss_timesteps`), on packed latents.
-- Not yet on FLUX (refused in one line by `require`): fine-tuning (ESD's negative guidance needs an
-  unconditional branch a guidance-distilled model does not have).
+- Fine-tuning (ESD, SCORE, AdvUnlearn): the loss is in velocity. dev has no unconditional branch in one call,
+  so ESD's negative guidance is formed as EraseAnything does (Gao et al. 2024; tomguluson92/EraseAnything,
+  utils/calc_loss.py): two calls of the frozen transformer, with the empty prompt and with the concept, each at
+  the run's guidance input (`distilled_guidance`: ESD's rollout guidance, 3), give v* = v(x, r) - eta (v(x, c) -
+  v(x, r)). Parameter sets: finetune.params' "flux" table (`parameter_table`). TRCE stage 2 and Co-Erasing are
+  refused in one line by `require` (`unsupported` says why).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -48,9 +53,13 @@ STREAM = "stream:"  # + block index: the text stream a dual-stream block's add_k
 class FluxModel(PooledRows, Model):
     family = "flux"
     text_components = ("text_encoder", "text_encoder_2")
+    parameter_table = "flux"
     unsupported = {  # feature -> why it does not run here yet
-        "fine-tuning": "ESD's negative guidance needs an unconditional branch, which a guidance-distilled FLUX "
-                       "model does not have"}
+        "trce-stage2": "its trainable set, a UNet's self-attention and cross-attention queries, has no counterpart "
+                       "in FLUX's joint attention, and its guided reference needs classifier-free guidance",
+        "co-erasing": "its image tokens come from an IP-Adapter image encoder for a UNet's cross-attention, which "
+                      "FLUX has no counterpart of that erasekit reads"}
+    _guidance_input: float | None = None  # set by distilled_guidance for a fine-tuning run
 
     def __init__(self, pipe, source: str, name: str, sampler_defaults: dict | None = None,
                  origin: dict | None = None):
@@ -217,8 +226,9 @@ class FluxModel(PooledRows, Model):
         h, w = self.latent_hw(x_t)
         img_ids = _image_ids(h // 2, w // 2).to(x_t.device, self.dtype)
         txt_ids = torch.zeros(emb.shape[1] - self.pooled_rows, 3, device=x_t.device, dtype=self.dtype)
-        scale = self.sampler_defaults["guidance"] if guidance is None else guidance
-        embed = (torch.full((x_t.shape[0],), float(scale), device=x_t.device)
+        if guidance is None:
+            guidance = self.sampler_defaults["guidance"] if self._guidance_input is None else self._guidance_input
+        embed = (torch.full((x_t.shape[0],), float(guidance), device=x_t.device)
                  if self.unet.config.guidance_embeds else None)
         kwargs = {"hidden_states": x_t.to(self.dtype), "timestep": t.to(self.dtype) / 1000, "guidance": embed,
                   "pooled_projections": self.pooled(emb), "encoder_hidden_states": self.context(emb),
@@ -229,9 +239,19 @@ class FluxModel(PooledRows, Model):
             return functional_call(self.unet, params, (), kwargs)[0]
         return self.unet(**kwargs)[0]
 
-    def guided(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None):
+    def guided(self, x_t, t, emb, guidance: float | None = None, uncond: torch.Tensor | None = None, params=None,
+               extrapolate: bool = False):
         """One call: dev reads the guidance scale as an input; schnell ignores it; no unconditional branch."""
-        return self.raw(x_t, t, emb, guidance=guidance)
+        return self.raw(x_t, t, emb, params=params, guidance=guidance)
+
+    @contextmanager
+    def distilled_guidance(self, scale: float | None):
+        before = self._guidance_input
+        self._guidance_input = None if scale is None else float(scale)
+        try:
+            yield
+        finally:
+            self._guidance_input = before
 
     def convert(self, x_t, t, out):
         from ..model import Prediction
@@ -308,10 +328,14 @@ class FluxModel(PooledRows, Model):
                 latents = self.scheduler.step(self.guided(latents, t, emb, guidance), t, latents).prev_sample
         return latents
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def spatial(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed latents (N, patches, C) as the VAE's (N, C / 4, h, w)."""
         h, w = self.latent_hw(latents)
         n, _, c = latents.shape
-        spatial = latents.view(n, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c // 4, h, w)
+        return latents.reshape(n, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c // 4, h, w)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        spatial = self.spatial(latents)
         cfg = self.vae.config
         with torch.no_grad():
             images = self.vae.decode(spatial.to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor).sample
@@ -320,8 +344,8 @@ class FluxModel(PooledRows, Model):
     def require(self, feature: str) -> None:
         if feature in self.unsupported:
             raise UserError(f"erasekit cannot run {feature} on FLUX.1 yet ({self.unsupported[feature]}): on "
-                            f"{self.source} use the closed-form methods (uce, rece, erasepro, trce-stage1), generate, "
-                            "evaluate, attack and export")
+                            f"{self.source} use esd, score, advunlearn or a closed-form method (uce, rece, erasepro, "
+                            "trce-stage1)")
 
 
 def _image_ids(h: int, w: int) -> torch.Tensor:

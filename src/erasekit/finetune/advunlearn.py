@@ -34,7 +34,7 @@ from ..delta import Delta
 from ..errors import UserError
 from ..model import Model
 from . import esd
-from .loop import record, rollout_noise, train_and_restore
+from .loop import make_delta, record, rollout_noise, train_and_restore, trainable
 from .params import Frozen, select
 
 RETAIN_SEED = 8200  # the testbed's retain prompts' first seed: not the evaluation's 3000 or SCORE's 8100
@@ -167,14 +167,16 @@ def erase(model: Model, spec: ConceptSpec, cfg: AdvUnlearnConfig | None = None,
           base_values: dict | None = None) -> Delta:
     """AdvUnlearn on the model as it is now (after an earlier stage, when composed)."""
     cfg = cfg or AdvUnlearnConfig()
-    named = select(model, cfg.parameters)
-    if any(not k.startswith("text_encoder") for k in named):
+    if any(not k.startswith("text_encoder") for k in select(model, cfg.parameters)):
         raise UserError(f"advunlearn trains the text encoder: parameters={cfg.parameters!r} chooses denoiser "
                         "tensors; use --set parameters=text-encoder")
-    frozen = Frozen(model, named)
-    loss = AdvUnlearnLoss(model, spec, frozen, cfg)
     config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
               "spec": spec.to_dict()}
-    new = train_and_restore(model, named, frozen, loss, cfg, {"method": "advunlearn", "config": config}, loss)
-    return Delta.from_changes(model, new, "advunlearn", config, {"prompts": len(loss.cond), "tensors": len(new),
+    named, frozen = trainable(model, cfg)
+    try:
+        loss = AdvUnlearnLoss(model, spec, frozen, cfg)
+        new = train_and_restore(model, named, frozen, loss, cfg, {"method": "advunlearn", "config": config}, loss)
+    finally:
+        frozen.release()
+    return make_delta(model, new, frozen, "advunlearn", config, {"prompts": len(loss.cond), "tensors": len(new),
                                                                  "retain_prompts": len(loss.retain_ids)})

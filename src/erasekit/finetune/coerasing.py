@@ -21,7 +21,7 @@ from ..delta import Delta
 from ..model import Model
 from . import esd
 from .image_tokens import image_encoder
-from .loop import record, rollout_noise, train_and_restore
+from .loop import no_lora, record, rollout_noise, train_and_restore
 from .params import Frozen, select
 
 TESTBED = {**esd.TESTBED, "images": 32}
@@ -84,6 +84,8 @@ def _word_states(model: Model, spec: ConceptSpec) -> torch.Tensor:
 def erase(model: Model, spec: ConceptSpec, cfg: CoErasingConfig | None = None,
           base_values: dict | None = None) -> Delta:
     cfg = cfg or CoErasingConfig()
+    model.require("co-erasing")
+    no_lora(cfg, "co-erasing")
     encoder = image_encoder(cfg.image_encoder, model, allow_pickle=cfg.allow_pickle_weights)
     stage1_cfg = replace(cfg, steps=cfg.stage1_steps or cfg.steps,
                          run_dir=f"{cfg.run_dir}/stage1" if cfg.run_dir else "")

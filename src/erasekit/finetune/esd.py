@@ -5,8 +5,10 @@ toward the frozen model's negatively guided output:
 With guide "anchor", r is the same prompt with the anchor phrase in the concept's place (the spec's pair):
 only what the concept adds to that prompt is removed, so whole captions can be trained on without
 erasing the rest of what they name. (Our extension, not in the public ESD code.)
-The loss is taken in the model's own output type (epsilon for SD; x0 for the testbed): guidance is linear
-in that output, so the target is the same prediction, and x0 models avoid epsilon's blow-up at small t.
+The loss is taken in the model's own output type (epsilon for SD; x0 for the testbed; FLUX's velocity):
+guidance is linear in that output, so the target is the same prediction, and x0 models avoid epsilon's blow-up
+at small t. On guidance-distilled FLUX.1-dev f(x, r) and f(x, c) are two calls at the guidance input `guidance`
+(EraseAnything's e_0 and e_p, utils/calc_loss.py), the trained model's output a third at the same input.
 The rollout uses the frozen model, and only k steps of it (not a full pipeline call per iteration).
 """
 
@@ -20,8 +22,8 @@ from ..concepts import ConceptSpec, PromptPair
 from ..delta import Delta
 from ..errors import UserError
 from ..model import Model
-from .loop import LoopConfig, record, rollout_noise, train_and_restore
-from .params import Frozen, select
+from .loop import LoopConfig, make_delta, record, rollout_noise, train_and_restore, trainable
+from .params import Frozen
 
 GUIDES = ("empty", "anchor")
 # On the testbed: whole captions against their paired anchor captions, with preserve prompts held (striped,
@@ -99,11 +101,13 @@ def output_drift(model: Model, frozen: Frozen, prompts: torch.Tensor, x_t: torch
 def erase(model: Model, spec: ConceptSpec, cfg: ESDConfig | None = None, base_values: dict | None = None) -> Delta:
     """ESD on the model as it is now (after an earlier stage, when composed: base_values is unused)."""
     cfg = cfg or ESDConfig()
-    named = select(model, cfg.parameters)
     pairs = spec.pairs()
-    frozen = Frozen(model, named)
-    loss = ESDLoss(model, pairs, frozen, cfg, spec.preserve_prompts())
     config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
               "spec": spec.to_dict()}
-    new = train_and_restore(model, named, frozen, loss, cfg, {"method": "esd", "config": config})
-    return Delta.from_changes(model, new, "esd", config, {"prompts": len(pairs), "tensors": len(new)})
+    named, frozen = trainable(model, cfg)
+    try:
+        loss = ESDLoss(model, pairs, frozen, cfg, spec.preserve_prompts())
+        new = train_and_restore(model, named, frozen, loss, cfg, {"method": "esd", "config": config})
+    finally:
+        frozen.release()
+    return make_delta(model, new, frozen, "esd", config, {"prompts": len(pairs), "tensors": len(new)})

@@ -8,6 +8,9 @@ across processes when launched with accelerate. The result is a Delta of the tra
 
 Memory: the trained tensors, their gradients, the optimizer's two moments and one frozen copy of their
 starting values (`params.Frozen`, which is also what the model is restored from); nothing else of their size.
+With `lora_rank` the trained tensors are LoRA factors (finetune/lora.py) and the base weights are not copied.
+On a guidance-distilled model (FLUX.1-dev) every denoiser call of the run reads the method's `guidance` as its
+guidance input (`Model.distilled_guidance`).
 A run whose trained tensors end where they started is reported with the loss terms that were zero.
 """
 
@@ -49,9 +52,14 @@ class LoopConfig:
     # the rollouts' image size in pixels (0: the model's own); a multiple of 8 x the VAE scale (erasekit.image_size)
     height: int = 0
     width: int = 0
+    # > 0: train LoRA factors of this rank on the set's Linear weights instead of the tensors themselves
+    # (finetune/lora.py); the delta then holds the factors in PEFT's layout
+    lora_rank: int = 0
 
     def __post_init__(self):
         """The loop's own choices, checked when the config is built (before any work)."""
+        if self.lora_rank < 0:
+            raise UserError(f"lora_rank {self.lora_rank} must be 0 (full tensors) or a rank of at least 1")
         if min(self.height, self.width) < 0:
             raise UserError(f"height {self.height} / width {self.width}: give pixels, or 0 for the model's own")
         if self.mixed_precision not in ("no", "bf16"):
@@ -81,7 +89,8 @@ def rollout_noise(model: Model, cfg: LoopConfig, gen: torch.Generator) -> torch.
     from ..image_size import latent_shape
 
     noise = torch.randn(latent_shape(model, rollout_size(model, cfg)), generator=gen)[None]
-    return noise.to(model.device, model.dtype) * model.scheduler.init_noise_sigma
+    scale = getattr(model.scheduler, "init_noise_sigma", 1.0)  # a flow sampler (FLUX's) starts at unit noise
+    return noise.to(model.device, model.dtype) * scale
 
 
 def step_generator(seed: int, index: int) -> torch.Generator:
@@ -231,6 +240,37 @@ class ZeroTerms:
         return out
 
 
+def trainable(model: Model, cfg, parameters: str | None = None) -> tuple[dict[str, torch.nn.Parameter], Frozen]:
+    """What a run trains and its frozen teacher: the tensors of the parameter set (cfg.parameters unless given),
+    or, with cfg.lora_rank, LoRA factors on its Linear weights (hooked into the model until the run ends)."""
+    from .lora import LoRA
+    from .params import select
+
+    named = select(model, parameters or cfg.parameters)
+    if not getattr(cfg, "lora_rank", 0):
+        return named, Frozen(model, named)
+    lora = LoRA(model, named, cfg.lora_rank, cfg.seed)
+    return lora.factors, Frozen(model, lora.factors, lora=lora)
+
+
+def make_delta(model: Model, new: dict[str, torch.Tensor], frozen: Frozen, method: str, config: dict,
+               stats: dict):
+    """The run's delta: the trained tensors, or the LoRA factors (PEFT layout) when it trained factors."""
+    from ..delta import Delta
+
+    if frozen.lora is None:
+        return Delta.from_changes(model, new, method, config, stats)
+    return Delta.from_factors(model, new, frozen.lora.targets, method, config,
+                              {**stats, "lora_rank": frozen.lora.rank})
+
+
+def no_lora(cfg, method: str) -> None:
+    """One line for a method that trains full tensors only."""
+    if getattr(cfg, "lora_rank", 0):
+        raise UserError(f"{method} trains full tensors only: drop lora_rank (LoRA factors run with esd, score and "
+                        "advunlearn)")
+
+
 def train_and_restore(model: Model, named: dict[str, torch.nn.Parameter], frozen: Frozen, loss_fn, cfg,
                       describe: dict, extra=None) -> dict[str, torch.Tensor]:
     """Run the loop with only `named` trainable, then put the starting values back so a Delta can be made
@@ -240,12 +280,13 @@ def train_and_restore(model: Model, named: dict[str, torch.nn.Parameter], frozen
     loop_cfg = split_config(cfg)
     zero = ZeroTerms(getattr(loss_fn, "terms", ()))
     try:
-        with only_these_trainable(model, named):
+        with only_these_trainable(model, named), model.distilled_guidance(getattr(cfg, "guidance", None)):
             new = run(model, named, loss_fn, loop_cfg, describe, extra, zero)
     finally:
         with torch.no_grad():
             for k, p in named.items():
                 p.data = frozen.start[k]
+        frozen.release()
     unchanged = [k for k, v in new.items() if torch.equal(v, frozen.start[k])]
     if len(unchanged) == len(new):
         method = (describe or {}).get("method", "fine-tuning")

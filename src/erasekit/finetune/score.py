@@ -25,8 +25,8 @@ from ..delta import Delta
 from ..errors import UserError
 from ..model import Model
 from . import esd
-from .loop import backward_now, record, rollout_noise, train_and_restore
-from .params import Frozen, only_these_trainable, select
+from .loop import backward_now, make_delta, record, rollout_noise, train_and_restore, trainable
+from .params import Frozen, only_these_trainable
 
 # ESD's testbed settings, with SCORE's own trajectory term in place of ESD's preserve_weight. With 5% of
 # entries and traj_weight 1 circle stayed at 0.28 of 32 canonical prompts and red cost 5.5 points of
@@ -148,7 +148,8 @@ class SCORELoss:
         self.keep = model.encode(spec.preserve_prompts() or [""]).cond.detach()
 
     def x0(self, x_t, t, emb) -> torch.Tensor:
-        return self.model.convert(x_t, t, self.model.raw(x_t, t, emb)).x0
+        """The clean-latent estimate as a latent image (N, C, h, w): what the discriminator reads."""
+        return self.model.spatial(self.model.convert(x_t, t, self.model.raw(x_t, t, emb)).x0)
 
     def __call__(self, step: int, gen: torch.Generator):
         """One step's loss, each of its three terms backpropagated as soon as it is made (backward_now): the
@@ -195,7 +196,7 @@ def heldout_accuracy(model: Model, adv: Adversary, spec: ConceptSpec, n: int = 3
     for prompts, label in ((target, 1.0), (other, 0.0)):
         noise = model.initial_noise([p.seed for p in prompts])
         emb = model.encode([p.text for p in prompts]).cond
-        x0s.append(model.convert(noise, t, model.raw(noise, t, emb)).x0)
+        x0s.append(model.spatial(model.convert(noise, t, model.raw(noise, t, emb)).x0))
         labels += [label] * len(prompts)
     logits = adv.disc(torch.cat(x0s), torch.as_tensor(t).reshape(1).repeat(len(labels)))
     return round(float(((logits > 0).float() == torch.tensor(labels)).float().mean()), 4)
@@ -207,25 +208,30 @@ def erase(model: Model, spec: ConceptSpec, cfg: SCOREConfig | None = None, base_
         from ..errors import UserError
 
         raise UserError(f"disc_steps {cfg.disc_steps} must be at least 1")
-    named = select(model, cfg.parameters)
-    frozen = Frozen(model, named)
-    adversary = Adversary(model.latent_shape[0], cfg, cfg.seed)
-    loss = SCORELoss(model, spec, frozen, cfg, adversary)
-    with only_these_trainable(model, named):
-        masks = saliency_masks(model, named, loss.erase, cfg)
-    for p in named.values():
-        p.requires_grad_(True)
-    hooks = mask_gradients(named, masks)
+    named, frozen = trainable(model, cfg)
+    channels = model.spatial(torch.zeros(1, *model.latent_shape)).shape[1]  # the latent image's channels
+    adversary = Adversary(channels, cfg, cfg.seed)
     config = {**{k: v for k, v in asdict(cfg).items() if k not in record(cfg)}, "loop": record(cfg),
               "spec": spec.to_dict(), "reading": "erasekit's reading of SCORE (no public code)"}
+    hooks = []
     try:
+        loss = SCORELoss(model, spec, frozen, cfg, adversary)
+        with only_these_trainable(model, named), model.distilled_guidance(cfg.guidance):
+            masks = saliency_masks(model, named, loss.erase, cfg)
+        for p in named.values():
+            p.requires_grad_(True)
+        hooks = mask_gradients(named, masks)
         new = train_and_restore(model, named, frozen, loss, cfg, {"method": "score", "config": config}, adversary)
     finally:
         for h in hooks:
             h.remove()
-    changed = {k: v for k, v in new.items() if not torch.equal(v, frozen.start[k])}
-    delta = Delta.from_changes(model, changed or new, "score", config, {"tensors": len(changed),
-                                                                      "saliency": cfg.saliency})
+        frozen.release()
+    if frozen.lora is not None:  # every factor belongs to the delta: a LoRA pair is read as a pair
+        delta = make_delta(model, new, frozen, "score", config, {"tensors": len(new), "saliency": cfg.saliency})
+    else:
+        changed = {k: v for k, v in new.items() if not torch.equal(v, frozen.start[k])}
+        delta = Delta.from_changes(model, changed or new, "score", config, {"tensors": len(changed),
+                                                                          "saliency": cfg.saliency})
     with delta.applied(model, check=False):
         delta.stats["disc_heldout_accuracy"] = heldout_accuracy(model, adversary, spec)
     return delta

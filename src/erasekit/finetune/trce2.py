@@ -32,7 +32,7 @@ from ..delta import Delta
 from ..errors import UserError
 from ..methods.trce import stage1_pairs
 from ..model import Model, split_key
-from .loop import LoopConfig, backward_now, record, rollout_size, train_and_restore
+from .loop import LoopConfig, backward_now, no_lora, record, rollout_size, train_and_restore
 from .params import Frozen, select
 
 REFERENCES = ("original", "stage1")
@@ -153,6 +153,8 @@ def erase(model: Model, spec: ConceptSpec, cfg: TRCEStage2Config | None = None,
     """Stage 2 on the model as it is now (stage 1 applied); base_values, when given, are the original
     values of what stage 1 changed, swapped in while the original model's trajectories are made."""
     cfg = cfg or TRCEStage2Config()
+    model.require("trce-stage2")
+    no_lora(cfg, "trce-stage2")
     named = select(model, "trce")
     malicious, safe = stage1_pairs(spec, cfg.templates)
 

@@ -195,7 +195,7 @@ def build_config(method: Method, values: dict[str, Any], source: str = "config",
 
 # Setting names whose value may be 0 (every other whole-number setting counts something: at least 1), and
 # number settings that are fractions or may be negative (every other number setting must be >= 0).
-ZERO_ALLOWED = {"seed", "stage1_steps"}
+ZERO_ALLOWED = {"seed", "stage1_steps", "lora_rank"}  # lora_rank 0: full tensors
 FRACTIONS = {"crossover", "elite", "mutation", "early_fraction", "saliency"}
 SIGNED = {"eta", "guidance"}
 

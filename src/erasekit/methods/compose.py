@@ -10,6 +10,11 @@ from ..model import Model
 def erase_composed(model: Model, spec: ConceptSpec, cfgs: list, parts: tuple, name: str) -> Delta:
     """Each part erases on the model the earlier parts made; the result holds every changed tensor
     (a later part's value wins where two parts change the same tensor)."""
+    from ..errors import UserError
+
+    if any(getattr(cfg, "lora_rank", 0) for cfg in cfgs):
+        raise UserError(f"{name}: a composition's stages train full tensors (one delta of new values): drop "
+                        "lora_rank, or run the LoRA stage on its own")
     merged: dict = {}
     base_values: dict = {}  # the original values of everything changed so far
     stats, configs = {}, {}
