@@ -61,6 +61,18 @@ def test_hash_is_stable_and_follows_the_prompts():
     assert load_suite("testbed:blue", samples=6).hash() != suite.hash()
 
 
+def test_a_limit_above_every_set_says_every_prompt_is_used(capsys):
+    from erasekit.evaluation.commands import note_short_limit
+
+    suite = load_suite("testbed:circle", samples=6)
+    note_short_limit(64, suite.limit(64))
+    err = capsys.readouterr().err
+    assert "--limit 64 is more than any prompt set of testbed:circle holds (6)" in err and "--samples N" in err
+    for quiet in (None, 6, 3):
+        note_short_limit(quiet, suite.limit(quiet))
+        assert capsys.readouterr().err == ""
+
+
 def test_limit_takes_the_first_k_of_each_set():
     suite = load_suite("testbed:circle", samples=6)
     small = suite.limit(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from .. import arguments as types
@@ -99,6 +100,15 @@ def load_for_run(source: str, allow_pickle: bool = False, offline: bool = False,
                 offline=offline)
 
 
+def note_short_limit(limit: int | None, suite) -> None:
+    """Say so when --limit asks for more prompts than any set holds: every prompt is used, not `limit`."""
+    largest = max((len(s.prompts) for s in suite.sets), default=0)
+    if limit and largest and limit > largest:
+        more = "; a testbed suite takes --samples N for more" if suite.layout == "testbed" else ""
+        print(f"erasekit: --limit {limit} is more than any prompt set of {suite.name} holds ({largest}): every prompt "
+              f"is used{more}", file=sys.stderr)
+
+
 def build_run(args):
     """(model, variants, suite, judge, settings) from parsed arguments; every check before any work. A
     --protocol preset fills the settings the user left unset first (evaluation.presets)."""
@@ -113,6 +123,7 @@ def build_run(args):
                           categories=categories).limit(args.limit)
 
     suite = presets.adjust_suite(applied, args, read(getattr(args, "category", None) or ()), read)
+    note_short_limit(args.limit, suite)
     suite, judge = suite_judge(args, suite)
     deviations = [] if applied is None else applied.deviations
     dtype = presets.run_dtype(getattr(args, "dtype", None), run_device(), deviations)
