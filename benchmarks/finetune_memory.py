@@ -41,6 +41,11 @@ RUNS = {  # name -> (method, settings)
     "co-erasing (esd-x)": ("co-erasing", {"images": "1", "sampler_steps": "2"}),
     "score (esd-all)": ("score", {"saliency_prompts": "1", "sampler_steps": "2"}),
     "advunlearn (text-encoder)": ("advunlearn", {"sampler_steps": "2", "warmup_steps": "1", "attack_steps": "1"}),
+    # SDXL base 1.0 at its real size (architectures.sdxl_folder), rollouts at 256 px (32 x 32 latents)
+    "sdxl esd (esd-x, lora 8)": ("esd", {"parameters": "esd-x", "sampler_steps": "2", "lora_rank": "8",
+                                         "height": "256", "width": "256"}),
+    "sdxl esd (esd-all, lora 8)": ("esd", {"parameters": "esd-all", "sampler_steps": "2", "lora_rank": "8",
+                                           "height": "256", "width": "256"}),
     "flux esd (esd-x)": ("esd", {"parameters": "esd-x", "sampler_steps": "2"}),
     "flux esd (esd-x, lora 8)": ("esd", {"parameters": "esd-x", "sampler_steps": "2", "lora_rank": "8"}),
     "flux esd (esd-all, lora 8)": ("esd", {"parameters": "esd-all", "sampler_steps": "2", "lora_rank": "8"}),
@@ -193,6 +198,11 @@ def main() -> None:
     model_dir = folder(work / f"sd14-width{args.width}", args.width)
     if any(run.startswith("flux ") for run in args.runs):
         flux_dir = flux_folder(work / f"flux1-dev-width{args.width}", args.width)
+    if any(run.startswith("sdxl ") for run in args.runs):
+        sys.path.insert(0, str(HERE))
+        from architectures import sdxl_folder
+
+        sdxl_dir = sdxl_folder(work / "sdxl")  # always the real size: --width scales SD1.4's and FLUX's only
     adapter = work / "ip-adapter-768"
     if not adapter.is_dir():
         make_tiny_ip_adapter(adapter, cross_attention_dim=768)
@@ -200,7 +210,7 @@ def main() -> None:
     for run in args.runs:
         for src in args.src:
             env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-            source = flux_dir if run.startswith("flux ") else model_dir
+            source = flux_dir if run.startswith("flux ") else sdxl_dir if run.startswith("sdxl ") else model_dir
             done = subprocess.run([sys.executable, __file__, "--child", run, str(source), str(adapter),
                                    str(args.steps)], env=env, capture_output=True, text=True)
             if done.returncode != 0:
