@@ -6,10 +6,11 @@ Usage: python benchmarks/finetune_memory.py [--width 0.5] [--src SRC ...] [--run
 For each method (esd at esd-x and at esd-all, trce-stage2, co-erasing, score, advunlearn) and each source tree
 given with --src (e.g. this worktree's src/ and an older checkout's, to compare before and after a change), one
 subprocess loads a pipeline folder with SD1.4's UNet and CLIP text encoder built from configs with random
-weights (`uce_speed.sd14_folder`; --width scales the UNet's block_out_channels), runs the method for --steps
+weights (`architectures.sd14_folder`; --width scales the UNet's block_out_channels), runs the method for --steps
 training steps and reports:
-- peak RSS (resource.getrusage ru_maxrss) and the RSS right after loading the model (VmRSS, every weight
-  touched first so that weights mapped from the file count);
+- peak RSS of the run (the kernel's VmHWM, reset after loading; ru_maxrss, loading included, beside it) and
+  the RSS right after loading the model (VmRSS, every weight touched first so that weights mapped from the file
+  count);
 - bytes per trained parameter: (peak RSS - loaded RSS) / the number of trained parameters. The bound the
   loop aims at is 16 (one frozen fp32 copy, the gradient and Adam's two moments), 17 with SCORE's bool mask,
   plus activations;
@@ -125,11 +126,21 @@ def flux_counts(rank: int = 8) -> list[dict]:
     return rows
 
 
-def vm_rss() -> int:
+def vm_rss(field: str = "VmRSS") -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def reset_peak() -> bool:
+    """Start the kernel's peak-RSS count (VmHWM) afresh, so the run's peak excludes loading's (a model's file
+    mapped beside its tensors while it loads); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def child(run: str, model_dir: str, adapter: str, steps: int) -> dict:
@@ -153,6 +164,7 @@ def child(run: str, model_dir: str, adapter: str, steps: int) -> dict:
         for p in model.vae.parameters():
             p.sum()
     loaded = vm_rss()
+    peak_of_run = reset_peak()
     method = methods.get(name)
     values = {"steps": str(steps), "progress": "false", **settings}
     if name == "co-erasing":
@@ -167,9 +179,11 @@ def child(run: str, model_dir: str, adapter: str, steps: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         delta = method.erase(model, ConceptSpec([Concept("cat")]), cfg)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = vm_rss("VmHWM") if peak_of_run else with_load
     return {"run": run, "parameters": parameters, "trained_parameters": trained, "loaded_rss": loaded,
-            "peak_rss": peak, "bytes_per_trained_parameter": round((peak - loaded) / trained, 2),
+            "peak_rss": peak, "peak_rss_with_loading": with_load,
+            "bytes_per_trained_parameter": round((peak - loaded) / trained, 2),
             "seconds": round(time.time() - t0, 1), "delta_sha256": tensors_sha256(delta.tensors)}
 
 
