@@ -112,3 +112,12 @@ def test_stock_sd_pipeline_loads_an_sd_lora_delta(tiny_sd, tmp_path):
     stock.pipe.load_lora_weights(str(path))
     with torch.no_grad():
         assert torch.allclose(stock.raw(x, 500, cond), erased, atol=1e-5)
+
+
+def test_apply_names_the_stock_lora_loader_for_a_lora_delta(flux_folder, lora_delta, capsys):
+    from erasekit.cli import main
+
+    main(["apply", str(flux_folder), "--delta", str(lora_delta)])
+    out = capsys.readouterr().out
+    assert "applies cleanly" in out and "pipe.load_lora_weights(PATH)" in out
+    assert "load_state_dict" not in out  # the full-tensor note does not apply to factors

@@ -84,7 +84,10 @@ def cmd_apply(args) -> None:
               f"{delta.config['file_sha256']}")
     for part, c in delta.components(model).items():
         print(f"  {part}: {c['tensors']} tensors, relative change mean {c['mean']:.4g}, max {c['max']:.4g}")
-    if any(name.startswith("text_encoder.") for name in delta.tensors):
+    if any(name.endswith(".lora_A.weight") for name in delta.tensors):
+        print("  LoRA factors (PEFT layout): stock diffusers loads them with pipe.load_lora_weights(PATH); "
+              "`erasekit export` writes merged weights")
+    elif any(name.startswith("text_encoder.") for name in delta.tensors):
         print("  note: a stock pipe.unet.load_state_dict(..., strict=False) silently ignores the text encoder's "
               "tensors: load them into pipe.text_encoder without the 'text_encoder.' prefix, or use `erasekit export`")
     if args.verbose:
