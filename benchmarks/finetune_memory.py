@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 RUNS = {  # name -> (method, settings)
     "esd (esd-x)": ("esd", {"parameters": "esd-x", "sampler_steps": "2"}),
     "esd (esd-all)": ("esd", {"parameters": "esd-all", "sampler_steps": "2"}),
+    "esd (esd-x, lora 8)": ("esd", {"parameters": "esd-x", "sampler_steps": "2", "lora_rank": "8"}),
     "trce-stage2": ("trce-stage2", {"trajectory_steps": "4"}),
     "co-erasing (esd-x)": ("co-erasing", {"images": "1", "sampler_steps": "2"}),
     "score (esd-all)": ("score", {"saliency_prompts": "1", "sampler_steps": "2"}),
