@@ -17,6 +17,8 @@ training steps and reports:
 - the sha256 of the delta's tensors, so a memory change can be checked to leave the result unchanged.
 Latents are 32 x 32 (sample_size 32, 256-pixel images) to keep activations and CPU time small: what is
 measured is the memory that grows with the trained parameters. Run one method at a time (they are).
+The "sdxl ..." runs use SDXL base 1.0 at its real size (architectures.sdxl_folder); with the benchmarks' small
+VAE (scale 2) their 256-px rollouts are 128 x 128 latents, SDXL's own training size, so activations dominate.
 The "flux ..." runs use FLUX.1-dev's transformer config (19 dual-stream and 38 single-stream blocks, head dim 128,
 guidance embeddings) with round(24 x --width) heads, tiny T5 and CLIP encoders (d_model 256, hidden 64: the
 text encoders are not trained there) and 32 x 32 latents (256 patches); a LoRA row's trained parameters are its
