@@ -194,6 +194,48 @@ def test_a_killed_audit_resumes_where_it_stopped(audited, delta, tmp_path, monke
     assert read(out) == read(audited)  # the same numbers as the run that was never stopped
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.slow  # a second delta's audit
+@needs_oracle
+def test_reuse_copies_the_oracle_parts_and_attacks_only_the_new_delta(audited, tmp_path, monkeypatch, capsys):
+    import erasekit.attacks.runner as attack_runner
+
+    other = tmp_path / "rece.safetensors"
+    assert main(["erase", "--method", "rece", "--concept", CONCEPT, "--testbed-spec", "--out", str(other)]) == 0
+    before = _tree(audited)
+    real, attacked_in = attack_runner._attack_batch, []
+
+    def spy(ctx, attack, cfg, cache, out, *args, **kwargs):
+        attacked_in.append(Path(out).relative_to(tmp_path / "run").as_posix())
+        return real(ctx, attack, cfg, cache, out, *args, **kwargs)
+
+    monkeypatch.setattr(attack_runner, "_attack_batch", spy)
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, *audit_argv(other, out, "--reuse", str(audited)))
+    assert code == 0 and f"copied from {audited}: " in stdout
+    assert attacked_in and not [f for f in attacked_in if f.startswith("oracle/")]  # only the delta is attacked
+    mine, earlier = read(out), read(audited)
+    assert mine["oracle"] == earlier["oracle"]  # the same numbers, none computed again
+    assert mine["protocol"]["variants"] != earlier["protocol"]["variants"]
+    assert _tree(audited) == before  # the earlier audit is only read
+
+
+@pytest.mark.parametrize("case, message", [("missing", "no such folder"), ("not-audit", "holds no audit"),
+                                           ("itself", "is the output folder itself")])
+def test_reuse_names_an_earlier_audit_or_is_one_line(delta, tmp_path, capsys, case, message):
+    out = tmp_path / "o"
+    source = {"missing": tmp_path / "nosuch", "not-audit": tmp_path, "itself": out}[case]
+    if case == "itself":
+        out.mkdir()
+        (out / PROGRESS).write_text('{"done": []}\n')
+    code, _, err = run(capsys, *audit_argv(delta, out, "--reuse", str(source)))
+    assert code == 2 and message in one_line_error(err)
+    assert case == "itself" or not out.exists()
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,9 @@ def add_parser(sub, model_arg) -> None:
                    help=f"random-word prompts for the base rate (default {PROMPTS}; --limit applies too)")
     p.add_argument("--set", dest="settings", action="append", metavar="ATTACK.KEY=VALUE",
                    help="an attack setting, e.g. p4d.iterations=50 (repeatable; default: each attack's own)")
+    p.add_argument("--reuse", metavar="DIR", help="an earlier audit's folder (same suite and settings, another "
+                   "delta): its parts that this audit shares (the oracle's; the unedited model's images) are copied "
+                   "in and not computed again; DIR is only read")
     add_run_args(p, samples=32)
     p.set_defaults(func=cmd_audit, stacked=True, real_images=None, **RUN_PATHS)
 
@@ -71,7 +74,8 @@ def cmd_audit(args) -> None:
 
     audit = build_audit(args)
     out = Path(args.out)
-    r = run_audit(audit, out, resume=args.resume, overwrite=args.overwrite)
+    r = run_audit(audit, out, resume=args.resume, overwrite=args.overwrite,
+                  reuse=None if args.reuse is None else Path(args.reuse))
     unedited = {k.removeprefix("unedited_"): v for k, v in r.items() if k.startswith("unedited_")}
     print(f"unedited: preservation {_rate(unedited, 'preservation_accuracy')}; "
           f"base rate {_rate(unedited, 'base_rate')}")

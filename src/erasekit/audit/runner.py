@@ -9,11 +9,18 @@ has no delta; attacks on it are measured against the unedited testbed as the ori
 A part finished is listed in audit_progress.json and reused from its folder; a part cut off continues through
 its own runner's resume (cached images, per-prompt attack progress). A folder of another audit, resumed, keeps
 only what the runners can reuse by content (images); every part is run again.
+
+Auditing several deltas of one suite: `reuse` names an earlier audit folder whose part folders are copied into
+a new audit folder before its parts run. Each part's runner then keeps what its own protocol check allows: a
+part whose run is the same (the oracle's parts, which no delta changes) continues from its finished progress
+and its images; any other part is run again, reusing the unedited model's images by content. The earlier
+folder is only read.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,17 +86,24 @@ def check(audit: Audit) -> None:
 
 
 def run_audit(audit: Audit, out: Path, resume: bool = False, overwrite: bool = False, progress: bool = True,
-              log=print) -> dict:
-    """Run every part not yet finished into out; write results.json, report.html and timing.json."""
+              log=print, reuse: Path | None = None) -> dict:
+    """Run every part not yet finished into out (after copying in the parts of the audit folder reuse that out
+    lacks); write results.json, report.html and timing.json."""
     from .report import write_report
 
     out, began = Path(out), time.time()
     check(audit)
     protected = [Path(m.source) for m in (audit.model, audit.oracle) if m is not None and Path(m.source).is_dir()]
+    if reuse is not None:
+        check_reuse(Path(reuse), out)
+        protected.append(Path(reuse))
     protocol = audit.protocol()
     if not check_run_dir(out, protocol, resume=resume, overwrite=overwrite, protected=protected):
         (out / PROGRESS).unlink(missing_ok=True)  # another audit's parts: each runs again, reusing images by content
     done = _read_progress(out / PROGRESS)
+    if reuse is not None:
+        copied = copy_parts(Path(reuse), out, [name for name, _ in _parts(audit, progress)])
+        log(f"copied from {reuse}: {', '.join(copied) if copied else 'nothing (every part is here already)'}")
     parts, seconds = {}, {}
     for name, run in _parts(audit, progress):
         folder = out / name
@@ -112,6 +126,34 @@ def run_audit(audit: Audit, out: Path, resume: bool = False, overwrite: bool = F
     atomic_write_text(out / "timing.json", json.dumps(timing, indent=2) + "\n")
     results["_timing"] = timing
     return results
+
+
+def check_reuse(source: Path, out: Path) -> None:
+    """source must be an audit folder other than out (its results or progress file says so)."""
+    if not source.is_dir():
+        raise UserError(f"--reuse {source}: no such folder: name the output folder of an earlier audit")
+    if not ((source / PROGRESS).is_file() or (source / RESULTS).is_file()):
+        raise UserError(f"--reuse {source} holds no audit (no {PROGRESS} or {RESULTS}): name the output folder "
+                        "of an earlier audit")
+    if out.exists() and source.resolve() == out.resolve():
+        raise UserError(f"--reuse {source} is the output folder itself: pass --resume to continue it instead")
+
+
+def copy_parts(source: Path, out: Path, names: list[str]) -> list[str]:
+    """Copy each part folder of source that out lacks (through a temporary name, so a copy cut off leaves
+    nothing half-made under the part's name); the names copied."""
+    copied = []
+    for name in names:
+        src, dst = source / name, out / name
+        if not src.is_dir() or dst.exists():
+            continue
+        partial = dst.with_name(f".{dst.name}.copying")
+        shutil.rmtree(partial, ignore_errors=True)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, partial)
+        partial.rename(dst)
+        copied.append(name)
+    return copied
 
 
 def _read_progress(path: Path) -> list[str]:
