@@ -216,6 +216,25 @@ def test_flux_encodes_and_samples_as_the_stock_pipeline(tiny_flux):
     assert torch.allclose(mine, theirs, atol=1e-5)
 
 
+def test_a_bfloat16_load_reads_the_weights_straight_into_bfloat16(tiny_flux, monkeypatch):
+    """No float32 copy on the way to bfloat16 (a FLUX.1-dev one would be 67 GB): every component comes out of
+    the loader in bfloat16, before the adapter's own `.to`."""
+    import erasekit.families as families
+
+    dtypes = set()
+    real = families.load_folder
+
+    def spy(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        dtypes.update(p.dtype for name in ("transformer", "text_encoder", "text_encoder_2", "vae")
+                      for p in getattr(pipe, name).parameters())
+        return pipe
+
+    monkeypatch.setattr(families, "load_folder", spy)
+    flux = erasekit.load(tiny_flux, device="cpu", dtype=torch.bfloat16)
+    assert dtypes == {torch.bfloat16} and flux.dtype == torch.bfloat16
+
+
 def test_flux_prediction_conventions_invert_the_flow(tiny_flux):
     flux = erasekit.load(tiny_flux, device="cpu")
     x0, noise = torch.randn(2, *flux.latent_shape), torch.randn(2, *flux.latent_shape)

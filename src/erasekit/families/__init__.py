@@ -77,7 +77,7 @@ def load(source: str | Path = "testbed", device: str | torch.device | None = Non
     folder, origin = resolve(str(source), offline=offline, allow_pickle=allow_pickle)
     family = family_of(folder) if (folder / "model_index.json").is_file() else FAMILIES[0]
     quiet_libraries()
-    pipe = load_folder(folder, family, allow_pickle=allow_pickle)
+    pipe = load_folder(folder, family, allow_pickle=allow_pickle, dtype=dtype)
     module, _, cls = family.adapter.partition(":")
     adapter = getattr(__import__(module, fromlist=[cls]), cls)
     name = str(source) if is_hub_id(str(source)) else folder.name
@@ -100,8 +100,9 @@ def pickled_only(folder: Path) -> list[Path]:
     return found
 
 
-def load_folder(path: Path, family: Family, allow_pickle: bool = False):
-    """The family's diffusers pipeline from a local folder, safetensors only unless allow_pickle."""
+def load_folder(path: Path, family: Family, allow_pickle: bool = False, dtype: torch.dtype = torch.float32):
+    """The family's diffusers pipeline from a local folder, safetensors only unless allow_pickle, its weights read
+    straight into dtype (no float32 copy on the way: FLUX.1-dev's would be 67 GB)."""
     import diffusers
 
     if not path.is_dir() or not (path / "model_index.json").is_file():
@@ -117,7 +118,8 @@ def load_folder(path: Path, family: Family, allow_pickle: bool = False):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return getattr(diffusers, family.pipeline_class).from_pretrained(
-                path, local_files_only=True, use_safetensors=None if allow_pickle else True, **extra)
+                path, local_files_only=True, use_safetensors=None if allow_pickle else True, torch_dtype=dtype,
+                **extra)
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load {path} as a {family.pipeline_class}: {first[:300]}") from exc
