@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from architectures import sd14_folder, sdxl_folder  # noqa: E402
+from architectures import flux_folder, sd14_folder, sdxl_folder  # noqa: E402
 from naive_uce import public_uce  # noqa: E402
 
 WORDS = ("apple ball cat dog egg fig goat hat ink jam kite lamp moon nest owl pig queen rose sun tree umbrella "
@@ -68,13 +68,15 @@ def floor(model, spec, repeats: int = 3) -> dict:
             "floor_solve_s": round(solve_s, 4)}
 
 
-def run(model, counts, naive_up_to: int, preserve_n=10, save=lambda rows: None) -> list[dict]:
+def run(model, counts, naive_up_to: int, preserve_n=10, save=lambda rows: None, repeats: int = 3,
+        warm_up: bool = True) -> list[dict]:
     """erasekit's UCE for each count; the public-structure float32 baseline (timed) and a float64 run of the
     same loop (for weight equality) for counts up to naive_up_to."""
     from erasekit.concepts import ConceptSpec
     from erasekit.methods import uce
 
-    uce.erase(model, ConceptSpec(["warm up"]))  # first-call costs (allocator, tokenizer) are not the method's
+    if warm_up:  # first-call costs (allocator, tokenizer) are not the method's
+        uce.erase(model, ConceptSpec(["warm up"]))
     rows = []
     preserve = [f"a photo of a {w}" for w in WORDS[-preserve_n:]]
     for n in counts:
@@ -82,7 +84,7 @@ def run(model, counts, naive_up_to: int, preserve_n=10, save=lambda rows: None) 
         t0 = time.perf_counter()
         delta = uce.erase(model, spec)
         row = {"concepts": n, "erasekit_s": round(time.perf_counter() - t0, 4),
-               "erasekit_solve_s": delta.stats["seconds"], **floor(model, spec)}
+               "erasekit_solve_s": delta.stats["seconds"], **floor(model, spec, repeats)}
         if n <= naive_up_to:
             edit, guides = [p.target for p in spec.pairs()], [p.anchor for p in spec.pairs()]
             t0 = time.perf_counter()
@@ -102,31 +104,43 @@ def main() -> None:
     import erasekit
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=["testbed", "sd14"], choices=["testbed", "sd14", "sdxl"])
+    parser.add_argument("--models", nargs="+", default=["testbed", "sd14"], choices=["testbed", "sd14", "sdxl", "flux"])
     parser.add_argument("--counts", nargs="+", type=int, default=[1, 10, 100])
     parser.add_argument("--naive-up-to", type=int, default=100,
                         help="run the public-structure baseline only up to this many concepts")
     parser.add_argument("--workdir", default="/tmp/erasekit-bench")
+    parser.add_argument("--flux-t5-layers", type=int, default=24,
+                        help="T5 encoder layers of the flux model (24: T5-XXL; fewer for a quick check of the path)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the floor, the best kept")
     parser.add_argument("--out", default=str(HERE / "results" / "uce_speed.json"))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
               "torch": torch.__version__, "models": {}}
     for name in args.models:
-        folders = {"sd14": sd14_folder, "sdxl": sdxl_folder}
+        folders = {"sd14": sd14_folder, "sdxl": sdxl_folder,
+                   "flux": lambda path: flux_folder(path.with_name(f"flux-t5x{args.flux_t5_layers}"),
+                                                    t5_layers=args.flux_t5_layers)}
         source = "testbed" if name == "testbed" else folders[name](Path(args.workdir) / name)
-        model = erasekit.load(source, device=device)
-        info = {"kv_matrices": len(model.cross_attention_layers()),
-                "d": model.unet.config.cross_attention_dim}
-        # the public UCE script is written for SD1.x/2.x: on SDXL only erasekit's time and its floor
-        naive_up_to = args.naive_up_to if name != "sdxl" else 0
+        # FLUX.1 is run in bfloat16 (as shipped and as its users load it): float32 would not fit here
+        dtype = torch.bfloat16 if name == "flux" else torch.float32
+        model = erasekit.load(source, device=device, dtype=dtype)
+        layers = model.cross_attention_layers()
+        info = {"kv_matrices": len(layers), "shapes": sorted({str(tuple(la.weight.shape)) for la in layers}),
+                "dtype": str(dtype).removeprefix("torch."), "text_tokens": model.max_length}
+        if name == "flux":
+            info["t5_layers"] = args.flux_t5_layers
+        # the public UCE script is written for SD1.x/2.x: on SDXL and FLUX only erasekit's time and its floor
+        naive_up_to = args.naive_up_to if name in ("testbed", "sd14") else 0
         print(f"{name}: {info}", flush=True)
         def save(rows, name=name, info=info):
             result["models"][name] = {**info, "rows": rows}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-        run(model, args.counts, naive_up_to, save=save)
+        # FLUX: no warm-up run, whose T5-XXL encoding would cost as much as the row (its first-call costs are
+        # a small part of it)
+        run(model, args.counts, naive_up_to, save=save, repeats=args.repeats, warm_up=name != "flux")
         del model
     print(f"wrote {args.out}")
 
