@@ -78,8 +78,8 @@ def table(folders: list[Path]) -> dict:
     return concepts
 
 
-def _rate(value, ci) -> str:
-    return "-" if value is None else f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+def _rate(value, ci, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _diff(points, tie) -> str:
@@ -101,11 +101,11 @@ def markdown(concepts: dict) -> str:
                 + f" | **{_rate(r['mean_asr'], r['mean_asr_ci'])}** ({r['mean_asr_n']}) | "
                 + _diff(r.get("vs_oracle_points"), r.get("vs_oracle_tie"))
                 + f" | {_rate(r['no_attack'], r['no_attack_ci'])} ({r['no_attack_n']}) | "
-                + f"{_rate(r['preservation'], r['preservation_ci'])} ({r['preservation_n']}) | "
+                + f"{_rate(r['preservation'], r['preservation_ci'], 3)} ({r['preservation_n']}) | "
                 + (_diff(r["vs_unedited_points"], r["vs_unedited_tie"]) if "vs_unedited_points" in r else "-") + " |")
         u = block["unedited"]
         lines += [f"| unedited | - | - | - | - | - | {_rate(u['no_attack'], u['no_attack_ci'])} | "
-                  f"{_rate(u['preservation'], u['preservation_ci'])} ({u['preservation_n']}) | - |", ""]
+                  f"{_rate(u['preservation'], u['preservation_ci'], 3)} ({u['preservation_n']}) | - |", ""]
     return "\n".join(lines)
 
 
