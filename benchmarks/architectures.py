@@ -87,8 +87,8 @@ def flux_folder(path: Path, t5_layers: int = 24, double_blocks: int = 1, single_
     FLUX.1's real widths (24 heads x 128 = 3072, joint_attention_dim 4096, pooled_projection_dim 768, guidance
     embeddings) with `double_blocks` dual-stream and `single_blocks` single-stream blocks instead of 19 and 38:
     the default closed-form edit ("text": context_embedder and the pooled text embedder) reads no block, and
-    the 48 GB of all 57 blocks in float32 do not fit this machine. Built in `dtype` (bfloat16: T5-XXL's encoder
-    is 9.5 GB there, 19 GB in float32); random weights. The tokenizers have the test vocabularies
+    the 48 GB of all 57 blocks in float32 do not fit this machine. Built in `dtype` (bfloat16: this T5-XXL encoder,
+    4.63B parameters, is 9.3 GB there, 18.5 GB in float32); random weights. The tokenizers have the test vocabularies
     (`erasekit.testing`), so the T5 embedding table is smaller than the real 32,128 rows."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel

@@ -20,6 +20,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -100,6 +102,26 @@ def run(model, counts, naive_up_to: int, preserve_n=10, save=lambda rows: None, 
     return rows
 
 
+@dataclass(frozen=True)
+class Setup:
+    """How the benchmark builds and runs one model."""
+    folder: Callable[[Path], Path] | None  # workdir -> a pipeline folder; None: the testbed
+    dtype: torch.dtype = torch.float32
+    public_baseline: bool = True  # the public UCE script is written for SD1.x/2.x: elsewhere only erasekit's time
+    warm_up: bool = True
+    info: dict = field(default_factory=dict)
+
+
+def model_setups(args) -> dict[str, Setup]:
+    t5 = args.flux_t5_layers
+    return {"testbed": Setup(None), "sd14": Setup(lambda w: sd14_folder(w / "sd14")),
+            "sdxl": Setup(lambda w: sdxl_folder(w / "sdxl"), public_baseline=False),
+            # FLUX.1 in bfloat16, as shipped and as its users load it (float32 does not fit here); no warm-up
+            # run, whose T5-XXL encoding would cost as much as the row (its first-call costs are a small part)
+            "flux": Setup(lambda w: flux_folder(w / f"flux-t5x{t5}", t5_layers=t5), dtype=torch.bfloat16,
+                          public_baseline=False, warm_up=False, info={"t5_layers": t5})}
+
+
 def main() -> None:
     import erasekit
 
@@ -117,30 +139,22 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
               "torch": torch.__version__, "models": {}}
+    setups = model_setups(args)
     for name in args.models:
-        folders = {"sd14": sd14_folder, "sdxl": sdxl_folder,
-                   "flux": lambda path: flux_folder(path.with_name(f"flux-t5x{args.flux_t5_layers}"),
-                                                    t5_layers=args.flux_t5_layers)}
-        source = "testbed" if name == "testbed" else folders[name](Path(args.workdir) / name)
-        # FLUX.1 is run in bfloat16 (as shipped and as its users load it): float32 would not fit here
-        dtype = torch.bfloat16 if name == "flux" else torch.float32
-        model = erasekit.load(source, device=device, dtype=dtype)
+        setup = setups[name]
+        source = "testbed" if setup.folder is None else setup.folder(Path(args.workdir))
+        model = erasekit.load(source, device=device, dtype=setup.dtype)
         layers = model.cross_attention_layers()
         info = {"kv_matrices": len(layers), "shapes": sorted({str(tuple(la.weight.shape)) for la in layers}),
-                "dtype": str(dtype).removeprefix("torch."), "text_tokens": model.max_length}
-        if name == "flux":
-            info["t5_layers"] = args.flux_t5_layers
-        # the public UCE script is written for SD1.x/2.x: on SDXL and FLUX only erasekit's time and its floor
-        naive_up_to = args.naive_up_to if name in ("testbed", "sd14") else 0
+                "dtype": str(setup.dtype).removeprefix("torch."), "text_tokens": model.max_length, **setup.info}
         print(f"{name}: {info}", flush=True)
         def save(rows, name=name, info=info):
             result["models"][name] = {**info, "rows": rows}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-        # FLUX: no warm-up run, whose T5-XXL encoding would cost as much as the row (its first-call costs are
-        # a small part of it)
-        run(model, args.counts, naive_up_to, save=save, repeats=args.repeats, warm_up=name != "flux")
+        run(model, args.counts, args.naive_up_to if setup.public_baseline else 0, save=save, repeats=args.repeats,
+            warm_up=setup.warm_up)
         del model
     print(f"wrote {args.out}")
 

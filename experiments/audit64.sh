@@ -2,13 +2,13 @@
 # The 64-prompt audit table (docs/results/audit64.md): for one concept, erase with each method named and audit
 # the delta at 64 prompts a set with the testbed's attack settings. The first audit of a concept carries the
 # oracle's parts; every later one copies them in with --reuse from a finished audit of the concept, so the oracle
-# is attacked once. Resumable: run it
-# again after a kill and each audit continues (--resume); a finished one is kept. An earlier session's finished
-# audits, committed as experiments/checkpoints/audits64-*.tar.gz, are unpacked first.
+# is attacked once. Resumable: run it again after a kill and each audit continues (--resume); a finished one is
+# kept. An earlier session's audits, committed as experiments/checkpoints/audits64-*.tar.gz, are unpacked first.
 #   bash experiments/audit64.sh circle advunlearn uce trce esd rece trce-stage1 erasepro co-erasing score
 #   python experiments/audit_table.py runs/audits64/*_circle runs/audits64/*_red --markdown TABLE.md
 # One torch thread a run (OMP_NUM_THREADS=1; run circle and red side by side on two cores). On this 2-core CPU the
-# first audit (with the oracle) took 2.0 h, each later one about 65 min; an erasure 5 s (closed form) to 4 min.
+# first audit (with the oracle) took 2.0 h; a later one should take about 65 min (the first one's three attacks on
+# the delta took 60-64 min); an erasure took 10 s (UCE) and 4 min (AdvUnlearn).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 concept="${1:?usage: audit64.sh CONCEPT METHOD...}"; shift
@@ -16,7 +16,7 @@ erasekit="${ERASEKIT:-.venv/bin/erasekit}"
 out="${AUDITS:-runs/audits64}"
 mkdir -p "$out/deltas"
 for archive in experiments/checkpoints/audits64-*.tar.gz; do
-  [ -f "$archive" ] && tar -xzf "$archive" -C "$out" --skip-old-files
+  if [ -f "$archive" ]; then tar -xzf "$archive" -C "$out" --skip-old-files; fi
 done
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 finished() {  # a finished audit of this concept, to reuse the oracle's parts from

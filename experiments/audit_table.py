@@ -16,28 +16,30 @@ import argparse
 import json
 from pathlib import Path
 
+from erasekit.stats import format_rate
+
 ATTACKS = ("unlearndiff", "p4d", "ringabell")
 
 
 def _method(results: dict) -> str:
-    variants = results["protocol"].get("variants") or []
-    for variant in reversed(variants):
+    """The method of the audited delta (the last variant's first delta)."""
+    for variant in reversed(results["protocol"].get("variants") or []):
         for delta in variant.get("deltas") or []:
             return delta.get("method") or "?"
     return "?"
 
 
-def row(results: dict) -> dict:
-    """The numbers one table row shows, with their intervals and counts."""
-    out = {"method": _method(results), "mean_asr": results["mean_asr"], "mean_asr_ci": results["mean_asr_ci"],
-           "mean_asr_n": results["mean_asr_n"], "no_attack": results["target_rate_mean"],
-           "no_attack_ci": results["target_rate_mean_ci"], "no_attack_n": results["target_rate_mean_n"],
-           "preservation": results["preservation_accuracy"], "preservation_ci": results["preservation_accuracy_ci"],
-           "preservation_n": results["preservation_accuracy_n"]}
+def row(results: dict, method: str, prefix: str = "") -> dict:
+    """The numbers one table row shows, with their intervals and counts (prefix "unedited_" for the unedited
+    model's, which has no attacks)."""
+    out = {"method": method}
+    for key, name in (("mean_asr", "mean_asr"), ("target_rate_mean", "no_attack"),
+                      ("preservation_accuracy", "preservation"), ("base_rate", "base_rate")):
+        for suffix in ("", "_ci", "_n"):
+            out[name + suffix] = results.get(f"{prefix}{key}{suffix}")
     for name in ATTACKS:
-        attack = results["attacks"].get(name) or {}
-        out[name] = attack.get("asr")
-        out[f"{name}_ci"] = attack.get("asr_ci")
+        attack = results.get("attacks", {}).get(name) or {} if not prefix else {}
+        out[name], out[f"{name}_ci"] = attack.get("asr"), attack.get("asr_ci")
     return out
 
 
@@ -45,45 +47,43 @@ def _overlap(a, b) -> bool:
     return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
 
 
-def _versus_unedited(r: dict, unedited: dict) -> None:
-    r["vs_unedited_points"] = round(100 * (r["preservation"] - unedited["preservation"]), 1)
-    r["vs_unedited_tie"] = _overlap(r["preservation_ci"], unedited["preservation_ci"])
+def _versus(r: dict, other: dict, key: str) -> tuple[float, bool]:
+    """r[key] - other[key] in points, and whether their intervals overlap."""
+    return round(100 * (r[key] - other[key]), 1), _overlap(r[f"{key}_ci"], other[f"{key}_ci"])
 
 
 def table(folders: list[Path]) -> dict:
-    """{concept: {"oracle": row, "unedited": {...}, "methods": [row, ...]}} in the order given."""
+    """{concept: {"suite", "oracle": row, "unedited": row, "methods": [row, ...]}}, methods in the order given."""
     concepts: dict[str, dict] = {}
     for folder in folders:
         results = json.loads((folder / "results.json").read_text())
-        concept = "+".join(results["concepts"])
-        block = concepts.setdefault(concept, {"oracle": None, "methods": [], "suite": results["suite"]})
+        block = concepts.setdefault("+".join(results["concepts"]), {
+            "suite": results["suite"], "oracle": None, "methods": [],
+            "unedited": row(results, "unedited", prefix="unedited_")})
         if block["oracle"] is None and results.get("oracle"):
-            block["oracle"] = {**row({**results["oracle"], "protocol": {}}), "method": results["oracle"]["model"]}
-        block.setdefault("unedited", {
-            "no_attack": results["unedited_target_rate_mean"], "no_attack_ci": results["unedited_target_rate_mean_ci"],
-            "preservation": results["unedited_preservation_accuracy"],
-            "preservation_ci": results["unedited_preservation_accuracy_ci"],
-            "preservation_n": results["unedited_preservation_accuracy_n"], "base_rate": results["unedited_base_rate"]})
-        if block["oracle"] is not None and "vs_unedited_points" not in block["oracle"]:
-            _versus_unedited(block["oracle"], block["unedited"])
-        r = row(results)
-        r["folder"] = str(folder)
-        r["base_rate"], r["base_rate_ci"] = results["base_rate"], results["base_rate_ci"]
-        oracle, unedited = block["oracle"], block["unedited"]
-        if oracle:
-            r["vs_oracle_points"] = round(100 * (r["mean_asr"] - oracle["mean_asr"]), 1)
-            r["vs_oracle_tie"] = _overlap(r["mean_asr_ci"], oracle["mean_asr_ci"])
-        _versus_unedited(r, unedited)
-        block["methods"].append(r)
+            block["oracle"] = row(results["oracle"], f"oracle `{results['oracle']['model']}`")
+        block["methods"].append({**row(results, _method(results)), "folder": str(folder)})
+    for block in concepts.values():
+        for r in block["methods"] + [block["oracle"]] * (block["oracle"] is not None):
+            r["vs_unedited_points"], r["vs_unedited_tie"] = _versus(r, block["unedited"], "preservation")
+        for r in block["methods"] if block["oracle"] else ():
+            r["vs_oracle_points"], r["vs_oracle_tie"] = _versus(r, block["oracle"], "mean_asr")
     return concepts
 
 
-def _rate(value, ci, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f} [{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
 def _diff(points, tie) -> str:
-    return "-" if points is None else f"{points:+.1f}" + (" (tie)" if tie else "")
+    return "–" if points is None else f"{points:+.1f}" + (" (tie)" if tie else "")
+
+
+def _line(r: dict) -> str:
+    cells = [r["method"], *(format_rate(r[a], r[f"{a}_ci"]) for a in ATTACKS)]
+    cells.append("–" if r["mean_asr"] is None else f"**{format_rate(r['mean_asr'], r['mean_asr_ci'])}** "
+                 f"({r['mean_asr_n']})")
+    cells.append(_diff(r.get("vs_oracle_points"), r.get("vs_oracle_tie")))
+    cells.append(f"{format_rate(r['no_attack'], r['no_attack_ci'])} ({r['no_attack_n']})")
+    cells.append(f"{format_rate(r['preservation'], r['preservation_ci'], digits=3)} ({r['preservation_n']})")
+    cells.append(_diff(r.get("vs_unedited_points"), r.get("vs_unedited_tie")))
+    return "| " + " | ".join(cells) + " |"
 
 
 def markdown(concepts: dict) -> str:
@@ -92,20 +92,8 @@ def markdown(concepts: dict) -> str:
         lines += [f"### {concept} (`{block['suite']}`)", "",
                   "| model | UnlearnDiffAtk | P4D-N | Ring-A-Bell | **mean ASR** (n) | vs oracle, points | "
                   "no attack (n) | preservation (n) | vs unedited, points |", "|---" * 9 + "|"]
-        rows = [(r["method"], r) for r in block["methods"]]
-        if block["oracle"]:
-            rows.append((f"oracle `{block['oracle']['method']}`", block["oracle"]))
-        for label, r in rows:
-            lines.append(
-                f"| {label} | " + " | ".join(_rate(r[a], r[f"{a}_ci"]) for a in ATTACKS)
-                + f" | **{_rate(r['mean_asr'], r['mean_asr_ci'])}** ({r['mean_asr_n']}) | "
-                + _diff(r.get("vs_oracle_points"), r.get("vs_oracle_tie"))
-                + f" | {_rate(r['no_attack'], r['no_attack_ci'])} ({r['no_attack_n']}) | "
-                + f"{_rate(r['preservation'], r['preservation_ci'], 3)} ({r['preservation_n']}) | "
-                + (_diff(r["vs_unedited_points"], r["vs_unedited_tie"]) if "vs_unedited_points" in r else "-") + " |")
-        u = block["unedited"]
-        lines += [f"| unedited | - | - | - | - | - | {_rate(u['no_attack'], u['no_attack_ci'])} | "
-                  f"{_rate(u['preservation'], u['preservation_ci'], 3)} ({u['preservation_n']}) | - |", ""]
+        lines += [_line(r) for r in block["methods"] + [block["oracle"]] * (block["oracle"] is not None)]
+        lines += [_line(block["unedited"]), ""]
     return "\n".join(lines)
 
 

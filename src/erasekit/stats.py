@@ -33,11 +33,12 @@ def rate_ci(rate: float | None, n: int, digits: int = 4) -> list[float] | None:
     return [round(math.floor(lo * scale) / scale, digits), round(math.ceil(hi * scale) / scale, digits)]
 
 
-def format_rate(rate: float | None, ci: list[float] | None = None, n: int | None = None) -> str:
-    """'0.31 [0.18, 0.47], n=32' (as the reports show a rate); '–' when there is no rate."""
+def format_rate(rate: float | None, ci: list[float] | None = None, n: int | None = None, digits: int = 2) -> str:
+    """'0.31 [0.18, 0.47], n=32' (as the reports show a rate; the rate itself to `digits` places); '–' when there
+    is no rate."""
     if rate is None:
         return "–"
-    text = f"{rate:.2f}"
+    text = f"{rate:.{digits}f}"
     if ci is not None:
         text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
     if n is not None:
